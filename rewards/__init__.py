@@ -1,0 +1,1 @@
+"""Reward scorers (import without torch, Ray or vLLM)."""
