@@ -35,8 +35,10 @@ def _as_padded(kept_ids, like: torch.Tensor) -> torch.Tensor | None:
 
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
-    logits = h @ weight.T  # [n, V]
-    return logits.float() / temperature if temperature != 1.0 else logits.float()
+    """`[n, V]` logits in at least fp32 (bf16 models: matmul in bf16 like the HF head, softmax in fp32)."""
+    logits = h @ weight.T
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return logits / temperature if temperature != 1.0 else logits
 
 
 def _log_normaliser(logits: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
@@ -51,8 +53,9 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, token_ids, kept, chunk_size, temperature):
         n = token_ids.numel()
-        out = hidden.new_empty(n, dtype=torch.float32)
-        ent = hidden.new_empty(n, dtype=torch.float32)
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        out = hidden.new_empty(n, dtype=dtype)
+        ent = hidden.new_empty(n, dtype=dtype)
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             logits = _chunk_logits(hidden[s:e], weight, temperature)
@@ -77,7 +80,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         chunk_size, temperature = ctx.chunk_size, ctx.temperature
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_w = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32)) if need_w else None
         n = token_ids.numel()
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
@@ -85,7 +88,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             logits = _chunk_logits(h, weight, temperature)
             k = None if kept is None else kept[s:e]
             lse = _log_normaliser(logits, k)
-            g = grad_out[s:e].float()
+            g = grad_out[s:e].to(logits.dtype)
             if k is None:
                 p = torch.exp(logits - lse[:, None])  # [n, V]
             else:
@@ -101,7 +104,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             if need_h:
                 grad_h[s:e] = grad_logits @ weight
             if need_w:
-                grad_w += (grad_logits.T @ h).float()
+                grad_w += grad_logits.T @ h
         return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None
 
 
@@ -119,7 +122,7 @@ def token_logprobs(
 
     Equals the unchunked computation (up to float summation order); gradients flow to `hidden` and
     `lm_head_weight`. With `kept_ids` the softmax is over the kept set only (see module docstring).
-    Returns `[B, L]` float32 log-probs, and the per-position entropy (no gradient) if `return_entropy`.
+    Returns `[B, L]` log-probs (fp32, or fp64 for fp64 inputs), and the per-position entropy (no gradient) if `return_entropy`.
     """
     if chunk_size < 1:
         raise ValueError(f"token_logprobs: chunk_size must be >= 1, got {chunk_size}")
@@ -141,7 +144,8 @@ def sampling_mask_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, kept_i
     a token outside its set gets -inf. For long sequences use `token_logprobs(..., kept_ids=...)`, which
     does the same from hidden states in chunks.
     """
-    flat = logits.reshape(-1, logits.shape[-1]).float()
+    flat = logits.reshape(-1, logits.shape[-1])
+    flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
     ids = token_ids.reshape(-1, 1).long()
     kept = _as_padded(kept_ids, ids)
     lse = _log_normaliser(flat, kept)

@@ -1,0 +1,106 @@
+"""Chunked log-probs equal the unchunked computation, values and gradients; sampling-mask renormalisation."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rl.algos import sampling_mask_logprobs, token_logprobs
+from rl.logprobs import csr_to_padded
+
+
+def _inputs(B=3, L=7, H=16, V=50, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, L, H, generator=g, dtype=dtype, requires_grad=True)
+    w = torch.randn(V, H, generator=g, dtype=dtype, requires_grad=True)
+    ids = torch.randint(0, V, (B, L), generator=g)
+    return hidden, w, ids
+
+
+def _full(hidden, w, ids, temperature=1.0):
+    logits = (hidden @ w.T) / temperature
+    return torch.log_softmax(logits, -1).gather(-1, ids[..., None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("chunk_size,temperature", [(1, 1.0), (4, 1.0), (5, 0.7), (1000, 1.3)])
+def test_chunked_equals_full_values_and_gradients(chunk_size, temperature):
+    hidden, w, ids = _inputs()
+    up = torch.randn(ids.shape, dtype=torch.float64)
+    out = token_logprobs(hidden, w, ids, chunk_size, temperature=temperature)
+    gh, gw = torch.autograd.grad((out * up).sum(), (hidden, w))
+    ref = _full(hidden, w, ids, temperature)
+    rh, rw = torch.autograd.grad((ref * up).sum(), (hidden, w))
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gh, rh, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gw, rw, rtol=1e-10, atol=1e-10)
+
+
+def test_entropy_matches_full():
+    hidden, w, ids = _inputs()
+    _, ent = token_logprobs(hidden, w, ids, 4, return_entropy=True)
+    logq = torch.log_softmax(hidden @ w.T, -1)
+    torch.testing.assert_close(ent, -(logq.exp() * logq).sum(-1).detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_sampling_mask_golden():
+    # p proportional to [1, 2, 3, 4]; kept {1, 2} -> p(2) = 3 / (2 + 3), p(1) = 2/5; token 3 outside -> -inf.
+    logits = torch.log(torch.tensor([[1.0, 2.0, 3.0, 4.0]] * 3))
+    kept = torch.tensor([[1, 2, -1], [1, 2, -1], [2, 1, -1]])
+    out = sampling_mask_logprobs(logits, torch.tensor([2, 1, 3]), kept)
+    assert out[0].item() == pytest.approx(math.log(3 / 5)) and out[1].item() == pytest.approx(math.log(2 / 5))
+    assert out[2].item() == -math.inf
+
+
+def _sampling_mask_loop(logits, ids, kept):
+    out = []
+    for row, t, k in zip(logits, ids, kept):
+        ks = [x for x in k.tolist() if x >= 0]
+        masked = torch.full_like(row, -math.inf)
+        masked[ks] = row[ks]
+        out.append(torch.log_softmax(masked, -1)[t])
+    return torch.stack(out)
+
+
+def test_chunked_sampling_mask_equals_full_and_loop():
+    B, L, V, K = 2, 5, 30, 6
+    hidden, w, _ = _inputs(B, L, 8, V, seed=4)
+    g = torch.Generator().manual_seed(5)
+    kept = torch.stack([torch.randperm(V, generator=g)[:K] for _ in range(B * L)]).reshape(B, L, K)
+    kept[..., -2:] = torch.where(torch.rand(B, L, 2, generator=g) < 0.5, -1, kept[..., -2:])  # ragged sets
+    ids = kept[..., 0]  # the sampled token is always in its kept set
+    out = token_logprobs(hidden, w, ids, 3, kept_ids=kept)
+    logits = hidden @ w.T
+    full = sampling_mask_logprobs(logits, ids, kept)
+    loop = _sampling_mask_loop(logits.reshape(-1, V), ids.reshape(-1), kept.reshape(-1, K)).reshape(B, L)
+    torch.testing.assert_close(full, loop, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, full, rtol=1e-12, atol=1e-12)
+    gh, gw = torch.autograd.grad(out.sum(), (hidden, w))
+    rh, rw = torch.autograd.grad(loop.sum(), (hidden, w))
+    torch.testing.assert_close(gh, rh, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(gw, rw, rtol=1e-9, atol=1e-9)
+
+
+def test_csr_kept_sets_equal_padded():
+    offsets = torch.tensor([0, 2, 3, 6])
+    ids = torch.tensor([4, 1, 7, 0, 2, 5])
+    assert csr_to_padded(offsets, ids).tolist() == [[4, 1, -1], [7, -1, -1], [0, 2, 5]]
+    logits = torch.randn(3, 8)
+    tok = torch.tensor([1, 7, 2])
+    torch.testing.assert_close(
+        sampling_mask_logprobs(logits, tok, (offsets, ids)), sampling_mask_logprobs(logits, tok, csr_to_padded(offsets, ids))
+    )
+
+
+def test_full_kept_set_is_the_plain_softmax():
+    hidden, w, ids = _inputs(2, 3, 8, 12, seed=6)
+    everything = torch.arange(12).expand(2, 3, 12)
+    torch.testing.assert_close(token_logprobs(hidden, w, ids, 2, kept_ids=everything), _full(hidden, w, ids))
+
+
+def test_bad_shapes_fail_clearly():
+    hidden, w, ids = _inputs()
+    with pytest.raises(ValueError, match="hidden has 21 positions but token_ids has 20"):
+        token_logprobs(hidden, w, ids.reshape(-1)[:20], 4)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        token_logprobs(hidden, w, ids, 0)
