@@ -41,42 +41,43 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, temperature: float) -> 
     return logits / temperature if temperature != 1.0 else logits
 
 
-def _log_normaliser(logits: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
-    """logsumexp over the full vocabulary, or over the kept set only."""
-    if kept is None:
-        return torch.logsumexp(logits, -1)
-    kl = logits.gather(-1, kept.clamp(min=0)).masked_fill(kept < 0, float("-inf"))
-    return torch.logsumexp(kl, -1)
+def _kept_logits(logits: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """`[n, K]` logits of the kept ids, -inf on padding."""
+    return logits.gather(-1, kept.clamp(min=0)).masked_fill(kept < 0, float("-inf"))
 
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):
+    """Forward keeps only `[N]` log-probs and the `[N]` log-normalisers; backward recomputes the logits of
+    one chunk at a time and builds the chunk's gradient in place in that same buffer."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, token_ids, kept, chunk_size, temperature):
+    def forward(ctx, hidden, weight, token_ids, kept, chunk_size, temperature, want_entropy):
         n = token_ids.numel()
         dtype = torch.promote_types(hidden.dtype, torch.float32)
         out = hidden.new_empty(n, dtype=dtype)
-        ent = hidden.new_empty(n, dtype=dtype)
+        lse_all = hidden.new_empty(n, dtype=dtype)
+        ent = hidden.new_zeros(n if want_entropy else 0, dtype=dtype)
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
-            logits = _chunk_logits(hidden[s:e], weight, temperature)
+            logits = _chunk_logits(hidden[s:e], weight, temperature)  # [n, V]
             k = None if kept is None else kept[s:e]
-            lse = _log_normaliser(logits, k)  # [n]
+            support = logits if k is None else _kept_logits(logits, k)  # [n, V] or [n, K]
+            lse = torch.logsumexp(support, -1)
+            lse_all[s:e] = lse
             out[s:e] = logits.gather(-1, token_ids[s:e, None]).squeeze(-1) - lse
-            # Entropy of the (renormalised) policy, for logging only.
-            logq = logits - lse[:, None] if k is None else logits.gather(-1, k.clamp(min=0)) - lse[:, None]
-            q = logq.exp() if k is None else logq.exp().masked_fill(k < 0, 0.0)
-            ent[s:e] = -(q * logq.masked_fill(q == 0, 0.0)).sum(-1)
-            if k is not None:
-                in_set = (k == token_ids[s:e, None]).any(-1)
-                out[s:e] = torch.where(in_set, out[s:e], torch.full_like(out[s:e], float("-inf")))
-        ctx.save_for_backward(hidden, weight, token_ids, kept)
+            if k is not None:  # a token outside its kept set could not have been sampled
+                out[s:e].masked_fill_(~(k == token_ids[s:e, None]).any(-1), float("-inf"))
+            if want_entropy:  # H = lse - sum_v p_v * logit_v, for logging only
+                p = (support - lse[:, None]).exp_()
+                ent[s:e] = lse - (p * support.nan_to_num(neginf=0.0)).sum(-1)
+        ctx.save_for_backward(hidden, weight, token_ids, kept, lse_all)
         ctx.chunk_size, ctx.temperature = chunk_size, temperature
         ctx.mark_non_differentiable(ent)
         return out, ent
 
     @staticmethod
     def backward(ctx, grad_out, _grad_ent):
-        hidden, weight, token_ids, kept = ctx.saved_tensors
+        hidden, weight, token_ids, kept, lse_all = ctx.saved_tensors
         chunk_size, temperature = ctx.chunk_size, ctx.temperature
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.zeros_like(hidden) if need_h else None
@@ -86,33 +87,33 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             e = min(s + chunk_size, n)
             h = hidden[s:e]
             logits = _chunk_logits(h, weight, temperature)
-            k = None if kept is None else kept[s:e]
-            lse = _log_normaliser(logits, k)
+            lse = lse_all[s:e, None]
             g = grad_out[s:e].to(logits.dtype)
-            if k is None:
-                p = torch.exp(logits - lse[:, None])  # [n, V]
+            ids = token_ids[s:e, None]
+            if kept is None:
+                grad_logits = logits.sub_(lse).exp_()  # p, in the logits buffer
             else:
-                g = torch.where((k == token_ids[s:e, None]).any(-1), g, torch.zeros_like(g))
-                pk = torch.exp(logits.gather(-1, k.clamp(min=0)) - lse[:, None]).masked_fill(k < 0, 0.0)
-                p = torch.zeros_like(logits).scatter_add_(-1, k.clamp(min=0), pk)
-            # d logp_tok / d logits = onehot(tok) - p ; chain through 1/temperature.
-            grad_logits = -g[:, None] * p
-            grad_logits.scatter_add_(-1, token_ids[s:e, None], g[:, None])
+                k = kept[s:e]
+                g = g.masked_fill(~(k == ids).any(-1), 0.0)
+                pk = (_kept_logits(logits, k) - lse).exp_()
+                grad_logits = logits.zero_().scatter_add_(-1, k.clamp(min=0), pk)
+            # d logp_tok / d logits = onehot(tok) - p ; then the 1/temperature of the logits.
+            grad_logits.mul_(-g[:, None]).scatter_add_(-1, ids, g[:, None])
             if temperature != 1.0:
-                grad_logits /= temperature
+                grad_logits.div_(temperature)
             grad_logits = grad_logits.to(hidden.dtype)
             if need_h:
                 grad_h[s:e] = grad_logits @ weight
             if need_w:
-                grad_w += grad_logits.T @ h
-        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None
+                grad_w.addmm_(grad_logits.T, h)
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None, None
 
 
 def token_logprobs(
     hidden: torch.Tensor,  # [B, L, H] (or [N, H]) final hidden states, after the final norm
     lm_head_weight: torch.Tensor,  # [V, H]
     token_ids: torch.Tensor,  # [B, L] (or [N]) the tokens whose log-prob is wanted (already shifted)
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
     *,
     kept_ids=None,  # optional [B, L, K] padded with -1, or CSR (offsets, ids) over the B*L positions
     temperature: float = 1.0,
@@ -132,7 +133,9 @@ def token_logprobs(
     if h.shape[0] != ids.numel():
         raise ValueError(f"token_logprobs: hidden has {h.shape[0]} positions but token_ids has {ids.numel()}")
     kept = _as_padded(kept_ids, ids)
-    logp, ent = _ChunkedTokenLogprobs.apply(h, lm_head_weight, ids, kept, chunk_size, float(temperature))
+    logp, ent = _ChunkedTokenLogprobs.apply(
+        h, lm_head_weight, ids, kept, chunk_size, float(temperature), return_entropy
+    )
     return (logp.reshape(shape), ent.reshape(shape)) if return_entropy else logp.reshape(shape)
 
 
@@ -148,7 +151,7 @@ def sampling_mask_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, kept_i
     flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
     ids = token_ids.reshape(-1, 1).long()
     kept = _as_padded(kept_ids, ids)
-    lse = _log_normaliser(flat, kept)
+    lse = torch.logsumexp(_kept_logits(flat, kept), -1)
     out = flat.gather(-1, ids).squeeze(-1) - lse
     in_set = (kept == ids).any(-1)
     return torch.where(in_set, out, torch.full_like(out, float("-inf"))).reshape(token_ids.shape)

@@ -1,0 +1,89 @@
+"""The scorer contract, its registry, and the failure counter.
+
+A scorer is `fn(completions: list[str], **row_fields) -> list[float | None]` (TRL's reward-function
+contract): every row field is a list aligned with `completions` (the data row's `answer`, `tests`,
+`language`, ... and the pipeline's `num_tokens`, `truncated`, `prompt`). `None` means the scorer abstains
+for that completion: the sample is excluded from the advantage and the abstention is counted, never
+turned into 0. Scorer options (limits, weights of sub-checks, the judge's endpoint) are bound with
+`functools.partial` from the reward spec's `args`.
+"""
+from __future__ import annotations
+
+import math
+import re
+import threading
+from collections import Counter
+from typing import Callable
+
+from rewards.registry import Registry
+
+Scorer = Callable[..., list]
+SCORERS: Registry = Registry("scorer")
+
+
+def register_scorer(name: str) -> Callable[[Scorer], Scorer]:
+    return SCORERS.register(name)
+
+
+def get_scorer(name: str) -> Scorer:
+    """The registered scorer `name` (unknown names fail with the supported list)."""
+    return SCORERS.get(name)
+
+
+class ScorerError(ValueError):
+    """A scorer broke the contract (wrong length, wrong type); the message names the scorer."""
+
+
+# Failures that are not the completion's fault (timeouts, judge parse failures, crashed scorers), by
+# "scorer:reason". The driver logs and resets it every step; thread-safe because pools call from threads.
+FAILURES: Counter = Counter()
+_FAILURES_LOCK = threading.Lock()
+
+
+def record_failure(scorer: str, reason: str, n: int = 1) -> None:
+    with _FAILURES_LOCK:
+        FAILURES[f"{scorer}:{reason}"] += n
+
+
+def check_scores(name: str, scores, n: int) -> list[float | None]:
+    """Validate a scorer's output: a list of n floats (finite) or None."""
+    if not isinstance(scores, (list, tuple)):
+        raise ScorerError(f"scorer '{name}' returned {type(scores).__name__}, expected a list of {n} floats or None")
+    if len(scores) != n:
+        raise ScorerError(f"scorer '{name}' returned {len(scores)} scores for {n} completions")
+    out: list[float | None] = []
+    for i, s in enumerate(scores):
+        if s is None:
+            out.append(None)
+            continue
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+            raise ScorerError(f"scorer '{name}' returned {s!r} at index {i}; expected a finite float or None")
+        out.append(float(s))
+    return out
+
+
+def call_scorer(name: str, fn: Scorer, completions: list[str], **row_fields) -> list[float | None]:
+    """Call a scorer and validate its output; row fields must be lists aligned with completions."""
+    for key, col in row_fields.items():
+        if not isinstance(col, (list, tuple)) or len(col) != len(completions):
+            got = len(col) if isinstance(col, (list, tuple)) else type(col).__name__
+            raise ScorerError(f"scorer '{name}': row field '{key}' must be a list of {len(completions)}, got {got}")
+    return check_scores(name, fn(completions, **row_fields), len(completions))
+
+
+_THINK_END = "</think>"
+
+
+def split_thinking(text: str) -> tuple[str | None, str]:
+    """(reasoning, answer) of a completion. Reasoning is what precedes `</think>` (the opening tag may be
+    in the prompt, as with Qwen3's generation prompt); None when the completion has no `</think>`."""
+    if _THINK_END not in text:
+        return None, text
+    reasoning, answer = text.split(_THINK_END, 1)
+    return re.sub(r"^\s*<think>", "", reasoning).strip(), answer.strip()
+
+
+def column(row_fields: dict, key: str, n: int, default=None) -> list:
+    """A row field as a list of n values (`default` repeated when the field is absent)."""
+    col = row_fields.get(key)
+    return list(col) if col is not None else [default] * n
