@@ -9,7 +9,9 @@ turned into 0. Scorer options (limits, weights of sub-checks, the judge's endpoi
 """
 from __future__ import annotations
 
+import importlib
 import math
+import os
 import re
 import threading
 from collections import Counter
@@ -26,7 +28,15 @@ def register_scorer(name: str) -> Callable[[Scorer], Scorer]:
 
 
 def get_scorer(name: str) -> Scorer:
-    """The registered scorer `name` (unknown names fail with the supported list)."""
+    """The registered scorer `name`, or `package.module:function` for a user's scorer that must also be
+    found by worker processes and Ray actors (they import the module). Unknown names fail with the
+    supported list."""
+    if ":" in name and name not in SCORERS:
+        module, _, attr = name.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"scorer '{name}': cannot import {attr} from {module} ({exc})") from None
     return SCORERS.get(name)
 
 
@@ -34,15 +44,38 @@ class ScorerError(ValueError):
     """A scorer broke the contract (wrong length, wrong type); the message names the scorer."""
 
 
-# Failures that are not the completion's fault (timeouts, judge parse failures, crashed scorers), by
-# "scorer:reason". The driver logs and resets it every step; thread-safe because pools call from threads.
-FAILURES: Counter = Counter()
-_FAILURES_LOCK = threading.Lock()
+# Counted events by "scorer:reason": failures that are not the completion's fault (timeouts, judge parse
+# failures, crashed scorers) and flags (truncated completions). The driver logs and resets it every step;
+# thread-safe because pools call from threads.
+EVENTS: Counter = Counter()
+_EVENTS_LOCK = threading.Lock()
 
 
-def record_failure(scorer: str, reason: str, n: int = 1) -> None:
-    with _FAILURES_LOCK:
-        FAILURES[f"{scorer}:{reason}"] += n
+def _fresh_lock_after_fork() -> None:
+    # A forked scorer child must not inherit the lock held by a sibling thread of its parent.
+    global _EVENTS_LOCK
+    _EVENTS_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_lock_after_fork)
+
+
+def record_event(scorer: str, reason: str, n: int = 1) -> None:
+    with _EVENTS_LOCK:
+        EVENTS[f"{scorer}:{reason}"] += n
+
+
+def merge_events(events: dict[str, int]) -> None:
+    with _EVENTS_LOCK:
+        EVENTS.update(events)
+
+
+def take_events() -> dict[str, int]:
+    """The counted events so far, and reset the counter (the driver calls this once per step)."""
+    with _EVENTS_LOCK:
+        out = dict(EVENTS)
+        EVENTS.clear()
+    return out
 
 
 def check_scores(name: str, scores, n: int) -> list[float | None]:

@@ -1,0 +1,144 @@
+"""Running scorers with time limits that work anywhere: main thread, worker threads, Ray actors.
+
+`signal.alarm` only works in the main thread of the main interpreter, and a thread cannot be killed, so
+the limit is enforced on a forked child process that is killed when it overruns. A batch is scored in one
+child (fast path); if that child times out or crashes, the batch is re-scored one completion per child so
+that only the culprit gets None. Every None produced here is counted in `rewards.base.EVENTS`.
+
+`ScoringPool` is the in-process executor (tests, laptops, inside a Ray actor); `RayScoringPool` spreads
+batches over Ray actors that each hold a `ScoringPool`.
+"""
+from __future__ import annotations
+
+import functools
+import multiprocessing as mp
+import os
+import signal
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from rewards.base import EVENTS, ScorerError, get_scorer, call_scorer, merge_events, record_event, take_events
+from rewards.spec import RewardSpec
+
+
+@dataclass(frozen=True)
+class CallResult:
+    ok: bool
+    value: object = None  # the scores when ok
+    error: str = ""  # "timeout", "crashed (exit N)" or the exception's traceback
+
+
+def _child(conn, fn, args, kwargs):
+    os.setpgrp()  # so a scorer's own subprocesses die with it
+    EVENTS.clear()  # the child's events travel back to the parent with the result
+    try:
+        conn.send((True, fn(*args, **kwargs), dict(EVENTS)))
+    except ScorerError as exc:  # a contract violation is a bug to surface, not a sample to skip
+        conn.send((False, exc, dict(EVENTS)))
+    except BaseException:  # noqa: BLE001  report anything, including SystemExit from user code
+        conn.send((False, traceback.format_exc(limit=5), dict(EVENTS)))
+    finally:
+        conn.close()
+
+
+def call_with_timeout(fn, args: tuple, kwargs: dict, timeout_s: float) -> CallResult:
+    """Run fn(*args, **kwargs) in a forked child; kill its process group after `timeout_s`."""
+    ctx = mp.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(send, fn, args, kwargs), daemon=True)
+    proc.start()
+    send.close()
+    try:
+        if not recv.poll(timeout_s):
+            return CallResult(False, error="timeout")
+        ok, value, events = recv.recv()
+        merge_events(events)
+        if isinstance(value, ScorerError):
+            raise value
+        return CallResult(ok, value if ok else None, "" if ok else value)
+    except EOFError:
+        proc.join(1)
+        return CallResult(False, error=f"crashed (exit {proc.exitcode})")
+    finally:
+        recv.close()
+        if proc.is_alive():
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.join()
+
+
+class ScoringPool:
+    """Scores batches against reward specs with a per-call time limit.
+
+    `timeout_s` bounds one scorer call on one completion (a batch of n gets n * timeout_s on the fast path).
+    `isolate=False` calls scorers in-process without any limit (for debugging with breakpoints).
+    """
+
+    def __init__(self, timeout_s: float = 30.0, threads: int = 4, isolate: bool = True):
+        self.timeout_s, self.isolate = timeout_s, isolate
+        self._threads = ThreadPoolExecutor(max_workers=threads)
+
+    def run_scorer(self, name: str, args: dict, completions: list[str], rows: dict[str, list]) -> list[float | None]:
+        fn = functools.partial(get_scorer(name), **args) if args else get_scorer(name)
+        if not self.isolate:
+            return call_scorer(name, fn, completions, **rows)
+        res = call_with_timeout(call_scorer, (name, fn, completions), rows, self.timeout_s * len(completions))
+        if res.ok:
+            return res.value
+        if len(completions) == 1:
+            reason = res.error if res.error == "timeout" or res.error.startswith("crashed") else "exception"
+            record_event(name, reason.split(" (")[0])
+            return [None]
+        # Isolate the culprit(s): one child per completion, in parallel threads.
+        one = lambda i: self.run_scorer(name, args, [completions[i]], {k: [v[i]] for k, v in rows.items()})  # noqa: E731
+        return [s for part in self._threads.map(one, range(len(completions))) for s in part]
+
+    def score(self, spec: RewardSpec, completions: list[str], rows: dict[str, list]) -> list[dict[str, float | None]]:
+        """One reward vector (dimension -> score or None) per completion; dimensions scored concurrently."""
+        futures = {d.name: self._threads.submit(self.run_scorer, d.scorer, d.args, completions, rows) for d in spec.dimensions}
+        cols = {name: f.result() for name, f in futures.items()}
+        return [{name: cols[name][i] for name in cols} for i in range(len(completions))]
+
+    def score_remote(self, spec: RewardSpec, completions: list[str], rows: dict[str, list]):
+        """`score` plus the events it counted, for a caller in another process (a Ray actor's client)."""
+        take_events()
+        vectors = self.score(spec, completions, rows)
+        return vectors, take_events()
+
+
+class RayScoringPool:
+    """`ScoringPool`s in `num_actors` Ray actors; batches are split across them.
+
+    The per-call limits run inside the actors (fork works there); the outer `ray.get` has a generous
+    safety timeout after which the actor is killed, replaced, and its slice gets None (counted).
+    """
+
+    def __init__(self, num_actors: int = 2, timeout_s: float = 30.0, num_cpus: float = 0.5):
+        import ray
+
+        self._ray = ray
+        self._cls = ray.remote(num_cpus=num_cpus)(ScoringPool)
+        self.timeout_s = timeout_s
+        self.actors = [self._cls.remote(timeout_s) for _ in range(num_actors)]
+
+    def score(self, spec: RewardSpec, completions: list[str], rows: dict[str, list]) -> list[dict[str, float | None]]:
+        n, k = len(completions), len(self.actors)
+        bounds = [(i * n // k, (i + 1) * n // k) for i in range(k)]
+        refs = [a.score_remote.remote(spec, completions[s:e], {c: v[s:e] for c, v in rows.items()})
+                for a, (s, e) in zip(self.actors, bounds)]
+        out: list[dict[str, float | None]] = []
+        for i, (ref, (s, e)) in enumerate(zip(refs, bounds)):
+            try:
+                # Worst case inside: the batch, then each completion, per dimension, all sequential.
+                vectors, events = self._ray.get(ref, timeout=self.timeout_s * 2 * max(e - s, 1) * len(spec.dimensions) + 30)
+                merge_events(events)
+                out.extend(vectors)
+            except Exception as exc:  # noqa: BLE001  a dead or hung actor: replace it, count the loss
+                self._ray.kill(self.actors[i])
+                self.actors[i] = self._cls.remote(self.timeout_s)
+                record_event("pool", f"actor_failed:{type(exc).__name__}", e - s)
+                out.extend({d.name: None for d in spec.dimensions} for _ in range(e - s))
+        return out

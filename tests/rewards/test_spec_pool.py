@@ -1,0 +1,121 @@
+"""Reward specs, and the scoring pool's time limits in the main thread, worker threads and Ray actors."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import rewards
+from rewards import SpecError, parse_spec, parse_specs
+from rewards.pool import RayScoringPool, ScoringPool, call_with_timeout
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+SLEEPY = "tests.rewards.helper_scorers:sleepy"
+CRASHY = "tests.rewards.helper_scorers:crashy"
+
+
+def test_spec_composition():
+    spec = parse_spec("math", {"correct": 1.0, "language": 0.1, "length": {"scorer": "length", "weight": 0.5, "args": {"per_token": 0.1}}})
+    assert [(d.name, d.scorer, d.weight) for d in spec.dimensions] == [
+        ("correct", "math", 1.0), ("language", "language_consistency", 0.1), ("length", "length", 0.5)]
+    assert spec.combine({"correct": 1.0, "language": 0.5, "length": -0.2}) == pytest.approx(1.0 + 0.05 - 0.1)
+    assert spec.combine({"correct": 1.0, "language": None, "length": -0.2}) == pytest.approx(0.9)  # aux abstains
+    assert spec.combine({"correct": None, "language": 1.0, "length": 0.0}) is None  # primary abstains
+
+
+@pytest.mark.parametrize(
+    "raw,msg",
+    [
+        ({"math": {"corect": 1.0}}, r"rewards.math.corect: Unsupported scorer 'corect'. Supported: \["),
+        ({"m": {"c": {"scorer": "nope.mod:fn"}}}, r"rewards.m.c: scorer 'nope.mod:fn': cannot import fn from nope.mod"),
+        ({"math": {"correct": {"weight": "high"}}}, r"rewards.math.correct.weight: expected a number, got 'high'"),
+        ({"math": {"correct": {"wieght": 1}}}, r"rewards.math.correct: unknown keys \['wieght'\]"),
+        ({"math": {}}, r"rewards.math: expected a non-empty mapping"),
+        ({"math": {"correct": 1.0, "primary": "style"}}, r"rewards.math.primary: 'style' is not one of"),
+    ],
+)
+def test_spec_errors_name_the_key(raw, msg):
+    with pytest.raises(SpecError, match=msg):
+        parse_specs(raw)
+
+
+def test_call_with_timeout_kills_and_reports():
+    t0 = time.monotonic()
+    res = call_with_timeout(time.sleep, (60,), {}, 0.5)
+    assert not res.ok and res.error == "timeout" and time.monotonic() - t0 < 3
+    assert call_with_timeout(sum, ([1, 2],), {}, 5).value == 3
+
+
+def _score_hung_batch(pool):
+    spec = parse_spec("t", {"len": {"scorer": SLEEPY}})
+    return pool.score(spec, ["ab", "hang", "abcd"], {})
+
+
+def test_timeout_isolates_the_culprit_in_main_thread():
+    rewards.take_events()
+    t0 = time.monotonic()
+    out = _score_hung_batch(ScoringPool(timeout_s=0.5))
+    assert [v["len"] for v in out] == [2.0, None, 4.0]
+    assert rewards.take_events() == {f"{SLEEPY}:timeout": 1}
+    assert time.monotonic() - t0 < 6
+
+
+def test_timeout_works_in_a_worker_thread():
+    result = {}
+    th = threading.Thread(target=lambda: result.setdefault("out", _score_hung_batch(ScoringPool(timeout_s=0.5))))
+    th.start()
+    th.join(30)
+    assert not th.is_alive() and [v["len"] for v in result["out"]] == [2.0, None, 4.0]
+
+
+def test_scorer_exception_is_none_and_counted():
+    rewards.take_events()
+    spec = parse_spec("t", {"x": {"scorer": CRASHY}})
+    assert [v["x"] for v in ScoringPool(timeout_s=5).score(spec, ["a", "boom"], {})] == [1.0, None]
+    assert rewards.take_events() == {f"{CRASHY}:exception": 1}
+
+
+def test_events_from_child_processes_reach_the_parent():
+    rewards.take_events()
+    spec = parse_spec("math", {"correct": 1.0})
+    ScoringPool(timeout_s=5).score(spec, ["\\boxed{1}"], {"answer": [""]})
+    assert rewards.take_events() == {"math:unparsable_gold": 1}
+
+
+def test_contract_violation_raises_through_the_pool():
+    spec = parse_spec("math", {"correct": 1.0})
+    with pytest.raises(rewards.ScorerError, match="row field 'answer' must be a list of 2"):
+        ScoringPool(timeout_s=5).score(spec, ["a", "b"], {"answer": ["1"]})
+
+
+def test_timeout_inside_ray_actors(ray_cluster):
+    rewards.take_events()
+    pool = RayScoringPool(num_actors=2, timeout_s=0.5, num_cpus=0.25)
+    # Actors find a user's scorer by import path (the registry of this process is not theirs).
+    spec = parse_spec("t", {"len": {"scorer": SLEEPY}, "correct": {"scorer": "exact"}})
+    out = pool.score(spec, ["ab", "hang", "abc", "\\boxed{4}"], {"answer": ["ab", "x", "y", "4"]})
+    assert [v["len"] for v in out] == [2.0, None, 3.0, 9.0]
+    assert [v["correct"] for v in out] == [1.0, 0.0, 0.0, 1.0]
+    assert rewards.take_events() == {f"{SLEEPY}:timeout": 1}
+
+
+def test_cli_scores_the_example_file():
+    cmd = [sys.executable, "-m", "rewards", "score", "--spec", "examples/rewards/spec.yaml", "examples/rewards/math.jsonl"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "row 1: reward=1.200 correct=1.000 format=1.000 language=None length=0.000" in out
+    assert "row 3: reward=0.257 correct=0.000 format=1.000 language=0.571" in out
+    assert "events: language_consistency:no_words=1" in out
+
+
+def test_cli_bad_row_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"completion": "x", "answer": "1"}\n{"answer": "2"}\n')
+    res = subprocess.run([sys.executable, "-m", "rewards", "score", "--spec", "math", str(bad)], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and f"{bad}:2: each row needs a string field 'completion'" in res.stderr
