@@ -100,7 +100,8 @@ def rubric_scorer(
         payload = {"model": model, "messages": [{"role": "user", "content": content}],
                    "max_tokens": max_tokens, "temperature": temperature}
         if guided:
-            payload["structured_outputs"] = {"regex": rf"Score: \d{{1,3}}/{max_score}"}
+            scores = "|".join(str(i) for i in range(max_score, -1, -1))  # longest first: "10" before "1"
+            payload["structured_outputs"] = {"regex": f"Score: ({scores})/{max_score}"}
         try:
             reply = _chat(base_url, payload, api_key, timeout_s)
         except (urllib.error.URLError, OSError, KeyError, IndexError, ValueError):

@@ -1,0 +1,86 @@
+"""Rubric GenRM: judge-reply parsing, and the scorer against a real OpenAI-compatible vLLM server."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+import rewards
+from rewards import get_scorer
+from rewards.rubric import parse_judge_score
+
+
+@pytest.mark.parametrize(
+    "reply,score",
+    [("Score: 7/10", 0.7), ("score = 3", 0.3), ("Final verdict [[10]]", 1.0), ("Score: 0.85", 0.85),
+     ("Score: 4/5", 0.8), ("Score: 11/10", None), ("Score: -1/10", None), ("I think it's good", None), ("", None)],
+)
+def test_parse_judge_score(reply, score):
+    got = parse_judge_score(reply, max_score=10)
+    assert got == (pytest.approx(score) if score is not None else None)
+
+
+def test_unreachable_judge_abstains_and_counts():
+    rewards.take_events()
+    out = get_scorer("rubric")(["x"], rubric=["be nice"], base_url="http://127.0.0.1:9/v1", model="m", timeout_s=2)
+    assert out == [None] and rewards.take_events() == {"rubric:request_error": 1}
+
+
+def test_missing_endpoint_is_a_config_error():
+    with pytest.raises(ValueError, match="set args.base_url and args.model"):
+        get_scorer("rubric")(["x"], rubric=["r"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def judge_server(tiny_dense):
+    """`vllm serve` (the OpenAI-compatible server) on the tiny dense model, loopback only."""
+    port = _free_port()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_dense, "--served-model-name",
+           "judge", "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--dtype", "float32",
+           "--max-model-len", "1024"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url + "/models", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"vllm server exited with {proc.returncode}")
+            time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail("vllm server did not come up in 180 s")
+    yield url
+    proc.terminate()
+    proc.wait(30)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_rubric_against_a_real_judge(judge_server):
+    rewards.take_events()
+    comps = ["<think>hmm</think> Paris is the capital.", "I refuse.", "Lyon"]
+    rubric = ["Names Paris as the capital of France."] * 3
+    prompts = ["What is the capital of France?"] * 3
+    scorer = get_scorer("rubric")
+    # Guided: the tiny judge is forced into the score format, so every reply parses into [0, 1].
+    guided = scorer(comps, rubric=rubric, prompt=prompts, base_url=judge_server, model="judge", guided=True)
+    assert all(s is not None and 0.0 <= s <= 1.0 for s in guided) and rewards.take_events() == {}
+    # Unguided, a random-weight judge writes noise: every reply is a counted parse failure, never a 0.
+    free = scorer(comps, rubric=rubric, prompt=prompts, base_url=judge_server, model="judge", max_tokens=8)
+    assert free == [None, None, None] and rewards.take_events() == {"rubric:parse_failure": 3}
