@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from rollout.chat import encode_chat
     from rollout.tiny_models import build_tiny_model
-    from rollout.vllm_engine import EngineConfig, SamplingConfig, engine_actor
+    from rollout.engine import EngineConfig, SamplingConfig, engine_actor
 
     t0 = time.time()
     model_dir = build_tiny_model("moe", Path(args.run_dir) / "model", seed=0)

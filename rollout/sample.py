@@ -29,7 +29,10 @@ class Sample:
     logprobs: list[float] = field(default_factory=list)
     # 1 for tokens the policy generated (trained), 0 for tokens appended from outside (tool results). [L_resp]
     loss_mask: list[int] = field(default_factory=list)
-    # MoE only: expert ids the engine used per response token, per MoE layer. uint8/int16 [L_resp, layers, top_k]
+    # MoE only: expert ids the engine used at every position it ran, per MoE layer:
+    # [len(prompt_ids) + len(response_ids) - 1, layers, top_k] (vLLM's layout). Prompt positions are
+    # included because replaying only the response's routing would leave the prompt's KV computed with
+    # other experts, and the response's log-probs would still differ from the engine's.
     routed_experts: np.ndarray | None = None
     # Sampling mask: the token ids that top-p/top-k kept at each step, CSR: offsets [L_resp + 1], ids [nnz].
     kept_offsets: np.ndarray | None = None
@@ -57,7 +60,16 @@ class Sample:
             got = len(getattr(self, name))
             if got != n:
                 raise ValueError(f"Sample: {name} has {got} entries for {n} response tokens")
-        if self.routed_experts is not None and self.routed_experts.shape[0] != n:
-            raise ValueError(f"Sample: routed_experts has {self.routed_experts.shape[0]} rows for {n} tokens")
+        positions = len(self.prompt_ids) + n - 1
+        if self.routed_experts is not None and self.routed_experts.shape[0] != positions:
+            raise ValueError(f"Sample: routed_experts has {self.routed_experts.shape[0]} rows for {positions} positions")
         if self.kept_offsets is not None and len(self.kept_offsets) != n + 1:
             raise ValueError(f"Sample: kept_offsets has {len(self.kept_offsets)} entries for {n} tokens (+1)")
+
+
+def kept_lists_to_csr(kept: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token kept-id lists -> CSR (offsets [n + 1], ids [nnz])."""
+    offsets = np.zeros(len(kept) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(k) for k in kept])
+    ids = np.fromiter((t for k in kept for t in k), dtype=np.int64, count=int(offsets[-1]))
+    return offsets, ids

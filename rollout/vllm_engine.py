@@ -11,11 +11,12 @@ GPU (Triton) model runner; on CPU use the reference engine.
 """
 from __future__ import annotations
 
+import gc
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
+from rollout.engine import ENGINES, EngineConfig, SamplingConfig, check_model_dir
+import numpy as np
 
-from rollout.sample import Sample, Status
+from rollout.sample import Sample, Status, kept_lists_to_csr
 
 # Defaults that make vLLM usable on a small CPU machine; an explicit environment value wins.
 CPU_ENV_DEFAULTS = {
@@ -26,46 +27,13 @@ CPU_ENV_DEFAULTS = {
 }
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    model: str  # path to a local HF checkpoint directory
-    dtype: str = "float32"
-    max_model_len: int = 2048
-    tensor_parallel_size: int = 1
-    enforce_eager: bool = True
-    gpu_memory_utilization: float = 0.5
-    seed: int = 0
-    enable_return_routed_experts: bool = False  # GPU only (vLLM's Triton runner)
-    return_sampling_mask: bool = False  # GPU only, vLLM >= 0.28
-    extra: dict = field(default_factory=dict)  # passed to vllm.LLM as is
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    n: int = 1  # samples per prompt (the GRPO group size)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off (vLLM's -1)
-    max_tokens: int = 64
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
-
-
-def check_model_dir(path: str, key: str = "model") -> Path:
-    """One clear line instead of a traceback from deep inside vLLM or transformers."""
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        what = "does not exist" if not p.exists() else "has no config.json"
-        raise FileNotFoundError(f"{key}: model path '{path}' {what} (expected a local HF checkpoint directory)")
-    return p
-
-
 def _is_cpu() -> bool:
     import torch
 
     return not torch.cuda.is_available()
 
 
+@ENGINES.register("vllm")
 class VLLMEngine:
     """One vLLM `LLM` (offline API). Construct inside a Ray actor or directly in a process."""
 
@@ -74,10 +42,17 @@ class VLLMEngine:
         if _is_cpu():
             for k, v in CPU_ENV_DEFAULTS.items():
                 os.environ.setdefault(k, v)
+        self.cfg = cfg
+        self.is_moe = _is_moe(cfg.model)
+        self.llm = self._start(cfg.model)
+        self.policy_version = 0
+
+    def _start(self, model: str):
         from vllm import LLM  # after the environment is set: vLLM reads it at import/engine start
 
+        cfg = self.cfg
         kwargs = dict(
-            model=cfg.model,
+            model=model,
             dtype=cfg.dtype,
             max_model_len=cfg.max_model_len,
             tensor_parallel_size=cfg.tensor_parallel_size,
@@ -92,9 +67,24 @@ class VLLMEngine:
             kwargs["enable_return_routed_experts"] = True
         if cfg.return_sampling_mask:
             kwargs["return_sampling_mask"] = True
-        self.cfg = cfg
-        self.llm = LLM(**kwargs)
-        self.policy_version = 0
+        return LLM(**kwargs)
+
+    def update_weights(self, path: str, version: int) -> None:
+        """Load the HF checkpoint at `path` (the learner's export) and take its policy version.
+
+        Dense models reload in place (`reload_weights`: greedy outputs equal a fresh engine's). MoE models on
+        CPU restart the in-process engine from `path` instead: vLLM's in-place reload corrupts fused MoE
+        expert weights there (developers' guide; vLLM issue 42821 is the same class on GPU).
+        """
+        check_model_dir(path, "weight sync path")
+        if self.is_moe and _is_cpu():
+            del self.llm
+            gc.collect()
+            self.llm = self._start(path)
+        else:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
+            self.llm.reset_prefix_cache()
+        self.policy_version = version
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, prompt_offset: int = 0) -> list[Sample]:
         """n samples for each prompt; sample j of prompt i has `prompt_index = prompt_offset + i`."""
@@ -120,17 +110,22 @@ class VLLMEngine:
 
     def _to_sample(self, prompt_ids: list[int], c, prompt_index: int) -> Sample:
         ids = list(c.token_ids)
-        logprobs = [lp[t].logprob for t, lp in zip(ids, c.logprobs)]
         s = Sample(
             prompt_ids=prompt_ids,
             response_ids=ids,
-            logprobs=logprobs,
+            logprobs=[lp[t].logprob for t, lp in zip(ids, c.logprobs)],
             loss_mask=[1] * len(ids),
             finish_reason=c.finish_reason,
             status=Status.TRUNCATED if c.finish_reason == "length" else Status.COMPLETED,
             policy_version=self.policy_version,
             prompt_index=prompt_index,
         )
+        routed = getattr(c, "routed_experts", None)  # [P + R - 1, layers, k]: every position run
+        if routed is not None:
+            s.routed_experts = np.asarray(routed)
+        mask = getattr(c, "sampling_mask", None)  # vLLM >= 0.28: kept token ids per generated token
+        if mask is not None:
+            s.kept_offsets, s.kept_ids = kept_lists_to_csr(mask.token_ids)
         s.validate()
         return s
 
@@ -138,8 +133,9 @@ class VLLMEngine:
         return self.policy_version
 
 
-def engine_actor(num_cpus: float = 1, num_gpus: float = 0):
-    """The Ray actor class for `VLLMEngine` (import Ray only where actors are used)."""
-    import ray
+def _is_moe(model_dir: str) -> bool:
+    import json
 
-    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(VLLMEngine)
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    return bool(cfg.get("num_experts") or cfg.get("n_routed_experts") or cfg.get("num_local_experts"))

@@ -35,7 +35,7 @@ def ray_cluster():
     import ray
 
     # Local, loopback-only, no dashboard: the test cluster is private to this process tree.
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="tests",
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="tests",
              runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
     yield ray
     ray.shutdown()
@@ -44,7 +44,7 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def vllm_moe_actor(ray_cluster, tiny_moe):
     """The session's one vLLM engine (in a Ray actor) on the tiny MoE; ~10-25 s to start."""
-    from rollout.vllm_engine import EngineConfig, engine_actor
+    from rollout.engine import EngineConfig, engine_actor
 
     actor = engine_actor(num_cpus=1).remote(EngineConfig(model=tiny_moe, max_model_len=512, seed=0))
     ray_cluster.get(actor.ping.remote())

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from rollout.sample import Status
-from rollout.vllm_engine import EngineConfig, SamplingConfig, VLLMEngine
+from rollout.engine import EngineConfig, SamplingConfig
+from rollout.vllm_engine import VLLMEngine
 
 # fp32 on both sides; the residual is kernel summation order (vLLM's CPU attention / fused MoE vs
 # transformers' eager modules), measured at 4.8e-7 on this model (AVX-512 machine). 1e-4 nats leaves room

@@ -1,0 +1,81 @@
+"""What every rollout engine shares: its config, the sampling config, the registry, and the Ray actor.
+
+An engine is a class with `generate(prompts, sampling, prompt_offset) -> list[Sample]`,
+`update_weights(path, version)` and `ping() -> version`. `vllm` is the default; `reference` (pure
+PyTorch, exact routing and sampling-mask capture on CPU) is selected with `rollout.engine=reference`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rewards.registry import Registry
+
+ENGINES: Registry = Registry("rollout engine")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str  # path to a local HF checkpoint directory
+    engine: str = "vllm"  # a name in ENGINES
+    dtype: str = "float32"
+    max_model_len: int = 2048
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = True
+    gpu_memory_utilization: float = 0.5
+    seed: int = 0
+    enable_return_routed_experts: bool = False  # vLLM: GPU only (Triton runner); reference: always on for MoE
+    return_sampling_mask: bool = False  # vLLM: GPU only, >= 0.28; reference: on when sampling truncates
+    extra: dict = field(default_factory=dict)  # passed to vllm.LLM as is
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    n: int = 1  # samples per prompt (the GRPO group size)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_tokens: int = 64
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+
+def check_model_dir(path: str, key: str = "model") -> Path:
+    """One clear line instead of a traceback from deep inside vLLM or transformers."""
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        what = "does not exist" if not p.exists() else "has no config.json"
+        raise FileNotFoundError(f"{key}: model path '{path}' {what} (expected a local HF checkpoint directory)")
+    return p
+
+
+def make_engine(cfg: EngineConfig):
+    """Construct the configured engine in this process."""
+    import rollout.reference_engine  # noqa: F401  (register)
+    import rollout.vllm_engine  # noqa: F401
+
+    return ENGINES.get(cfg.engine)(cfg)
+
+
+class EngineHost:
+    """What a Ray actor holds: one engine, built from its config (so the actor class is engine-agnostic)."""
+
+    def __init__(self, cfg: EngineConfig):
+        self.engine = make_engine(cfg)
+
+    def generate(self, prompts, sampling, prompt_offset: int = 0):
+        return self.engine.generate(prompts, sampling, prompt_offset)
+
+    def update_weights(self, path: str, version: int) -> int:
+        self.engine.update_weights(path, version)
+        return self.engine.policy_version
+
+    def ping(self) -> int:
+        return self.engine.policy_version
+
+
+def engine_actor(num_cpus: float = 1, num_gpus: float = 0, max_restarts: int = 0):
+    """The Ray actor class for `EngineHost` (Ray is imported only where actors are used)."""
+    import ray
+
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts)(EngineHost)

@@ -1,0 +1,129 @@
+"""Generation across several engine actors: dynamic batching, retries, weight sync with version checks.
+
+Bookkeeping guarantee: every prompt handed to `generate` comes back with exactly `n` samples; a sample
+the engines could not produce is a `Status.ABORTED` sample with the reason in `error` (counted by the
+driver), never a silently missing row.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from rollout.engine import EngineConfig, SamplingConfig, engine_actor
+from rollout.sample import Sample, Status
+
+log = logging.getLogger(__name__)
+
+
+class StaleWeightsError(RuntimeError):
+    """An engine reports a policy version other than the learner's after a sync."""
+
+
+@dataclass
+class GenerationStats:
+    chunks: int = 0
+    retries: int = 0
+    restarts: int = 0
+    aborted_samples: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class RolloutManager:
+    """`num_engines` engine actors; `generate` spreads prompt chunks over whichever engine is free."""
+
+    def __init__(self, cfg: EngineConfig, num_engines: int = 1, chunk_prompts: int = 8, max_retries: int = 2,
+                 num_cpus: float = 1, num_gpus: float = 0):
+        self.cfg, self.chunk_prompts, self.max_retries = cfg, chunk_prompts, max_retries
+        self._actor_cls = engine_actor(num_cpus=num_cpus, num_gpus=num_gpus)
+        self.engines = [self._actor_cls.remote(cfg) for _ in range(num_engines)]
+        self.version = 0
+        self.weights_path: str | None = None  # the last synced checkpoint: restarted engines load it
+        import ray
+
+        ray.get([e.ping.remote() for e in self.engines])
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> tuple[list[Sample], GenerationStats]:
+        import ray
+        from ray.exceptions import RayActorError
+
+        stats = GenerationStats()
+        chunks = [(s, prompts[s : s + self.chunk_prompts]) for s in range(0, len(prompts), self.chunk_prompts)]
+        todo = [(start, chunk, 0) for start, chunk in chunks]  # (offset, prompts, attempts)
+        done: dict[int, list[Sample]] = {}
+        running: dict = {}  # ref -> (engine index, offset, prompts, attempts)
+        idle = list(range(len(self.engines)))
+        while todo or running:
+            while todo and idle:
+                start, chunk, attempts = todo.pop(0)
+                i = idle.pop(0)
+                running[self.engines[i].generate.remote(chunk, sampling, start)] = (i, start, chunk, attempts)
+                stats.chunks += 1
+            ready, _ = ray.wait(list(running), num_returns=1)
+            i, start, chunk, attempts = running.pop(ready[0])
+            try:
+                done[start] = ray.get(ready[0])
+                idle.append(i)
+            except RayActorError as exc:  # the engine died: replace it, retry the chunk elsewhere
+                stats.errors.append(f"engine {i}: {type(exc).__name__}")
+                self._restart(i)
+                stats.restarts += 1
+                idle.append(i)
+                if attempts < self.max_retries:
+                    todo.append((start, chunk, attempts + 1))
+                    stats.retries += 1
+                else:
+                    done[start] = self._aborted(chunk, start, sampling.n, f"engine died {attempts + 1} times")
+                    stats.aborted_samples += len(done[start])
+        samples = [s for start in sorted(done) for s in done[start]]
+        self._check_complete(samples, len(prompts), sampling.n)
+        return samples, stats
+
+    def update_weights(self, path: str, version: int) -> None:
+        """Every engine loads `path`; then each must report `version`, else StaleWeightsError."""
+        import ray
+
+        got = ray.get([e.update_weights.remote(path, version) for e in self.engines])
+        self.version, self.weights_path = version, path
+        self.check_versions(got)
+
+    def check_versions(self, got: list[int] | None = None) -> None:
+        import ray
+
+        got = got if got is not None else ray.get([e.ping.remote() for e in self.engines])
+        stale = [(i, v) for i, v in enumerate(got) if v != self.version]
+        if stale:
+            raise StaleWeightsError(f"engines at the wrong policy version (index, version): {stale}; learner is at {self.version}")
+
+    def _restart(self, i: int) -> None:
+        """A fresh actor, synced to the current weights before it serves again."""
+        import ray
+
+        try:
+            ray.kill(self.engines[i])
+        except Exception:  # noqa: BLE001  already gone
+            pass
+        self.engines[i] = self._actor_cls.remote(self.cfg)
+        if self.weights_path is not None:
+            ray.get(self.engines[i].update_weights.remote(self.weights_path, self.version))
+        else:
+            ray.get(self.engines[i].ping.remote())
+
+    @staticmethod
+    def _aborted(chunk: list[list[int]], start: int, n: int, reason: str) -> list[Sample]:
+        return [Sample(prompt_ids=list(p), status=Status.ABORTED, error=reason, prompt_index=start + j)
+                for j, p in enumerate(chunk) for _ in range(n)]
+
+    @staticmethod
+    def _check_complete(samples: list[Sample], num_prompts: int, n: int) -> None:
+        counts = [0] * num_prompts
+        for s in samples:
+            counts[s.prompt_index] += 1
+        wrong = [(i, c) for i, c in enumerate(counts) if c != n]
+        if wrong:  # a bookkeeping bug, not a runtime condition: fail loudly
+            raise AssertionError(f"prompts without exactly {n} samples (index, count): {wrong[:10]}")
+
+    def shutdown(self) -> None:
+        import ray
+
+        for e in self.engines:
+            ray.kill(e)

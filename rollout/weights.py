@@ -1,0 +1,56 @@
+"""Weight hand-off from the learner to the engines as HF checkpoints, written atomically.
+
+The CPU transport: the learner writes a HF checkpoint (sharded safetensors, `bucket_mb` per shard) into a
+directory under /dev/shm (RAM), renames it into place, and every engine loads it (`update_weights`). The
+rename makes the hand-off atomic: an engine never sees half a checkpoint. The HF format (rather than raw
+state-dict names) is what vLLM's loaders and transformers both read; transformers' `save_pretrained`
+converts fused in-memory layouts (MoE experts) to the checkpoint names.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
+
+
+def default_sync_root() -> Path:
+    """/dev/shm when it exists (RAM-backed: the 'copy' is a memcpy), else the temp dir."""
+    import tempfile
+
+    return Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+
+
+def export_hf_checkpoint(model, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
+                         bucket_mb: int = 512, state_dict=None) -> Path:
+    """Save `model` (a HF PreTrainedModel; `state_dict` overrides its weights, e.g. gathered from FSDP) as
+    a complete HF checkpoint at `out_dir`, atomically. Tokenizer files are copied from `tokenizer_dir`."""
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size=f"{bucket_mb}MB")
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / name
+            if src.is_file():
+                shutil.copy2(src, tmp / name)
+    _fsync_dir(tmp)
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in path.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
