@@ -185,7 +185,7 @@ def grpo_loss(
     *,
     clip_eps: float = 0.2,
     clip_eps_high: float | None = None,
-    kl_coef: float = 0.0,
+    kl_coef: float | torch.Tensor = 0.0,  # beta, a float or per sequence [B] (per-domain betas)
     kl_estimator: str = "unbiased_k3",
     opsm_delta: float | None = None,
     aggregation: str = "seq_mean_token_mean",
@@ -219,12 +219,13 @@ def grpo_loss(
     per_token = -surr * seq_mask[:, None]
 
     kl = zero
-    if kl_coef != 0.0:
+    beta = torch.as_tensor(kl_coef, dtype=logp.dtype)
+    if bool((beta != 0).any()):
         if logp_ref is None:
             raise ValueError("grpo_loss: kl_coef != 0 needs logp_ref (the reference model's log-probs)")
         safe = lambda x: torch.where(on, x, logp.detach())  # noqa: E731  padding -> KL 0, ratio 1
         kl = torch.where(on, kl_penalty(kl_estimator, safe(logp), safe(logp_old), safe(logp_ref)), zero)
-        per_token = per_token + kl_coef * kl
+        per_token = per_token + (beta[:, None] if beta.dim() == 1 else beta) * kl
 
     loss = AGGREGATIONS.get(aggregation)(per_token, mask, denom)
 

@@ -245,3 +245,16 @@ def test_unknown_names_list_supported():
 def test_duplicate_registration_fails():
     with pytest.raises(ValueError, match="kl estimator 'k1' is already registered"):
         algos.KL_ESTIMATORS.register("k1")(lambda *a: None)
+
+
+def test_per_sequence_beta_equals_separate_calls():
+    g = torch.Generator().manual_seed(4)
+    logp = -torch.rand(4, 5, generator=g, dtype=torch.float64)
+    old = logp + 0.1 * torch.randn(4, 5, generator=g, dtype=torch.float64)
+    ref = logp + 0.1 * torch.randn(4, 5, generator=g, dtype=torch.float64)
+    adv, mask = torch.randn(4, generator=g, dtype=torch.float64), torch.ones(4, 5, dtype=torch.float64)
+    beta = torch.tensor([0.0, 0.0, 0.1, 0.1], dtype=torch.float64)  # e.g. math (beta 0) and chat (beta 0.1)
+    both, _ = grpo_loss(logp, old, ref, adv, mask, kl_coef=beta)
+    a, _ = grpo_loss(logp[:2], old[:2], ref[:2], adv[:2], mask[:2], kl_coef=0.0, denom=4)
+    b, _ = grpo_loss(logp[2:], old[2:], ref[2:], adv[2:], mask[2:], kl_coef=0.1, denom=4)
+    torch.testing.assert_close(both, a + b, rtol=1e-12, atol=1e-12)

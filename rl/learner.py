@@ -1,0 +1,397 @@
+"""The learner: a HF causal LM sharded with FSDP2 over torch.distributed (gloo on CPU, NCCL on GPU).
+
+One `Learner` per rank; `LearnerGroup` runs them as Ray actors. A step gets the whole step's samples,
+each rank trains on its slice in micro-batches, and the loss of every micro-batch is normalised by the
+*step's* totals (sequences, tokens), so gradients do not depend on the micro-batch split or the number of
+ranks. FSDP2 averages gradients over ranks; the loss is multiplied by the world size to undo that.
+
+V3.2's corrections on the learner side:
+- log-probs from hidden states in chunks (`rl.algos.token_logprobs`), never `[B, L, V]` logits;
+- keep routing: the engine's expert ids are replayed in every MoE router (`rollout.routing`);
+- keep sampling mask: pi_theta renormalised over the engine's kept sets, at the engine's temperature;
+- the GRPO loss with unbiased KL and off-policy sequence masking (`rl.algos.grpo_loss`), beta per domain.
+
+Not covered: tensor/pipeline/expert parallelism, sequence packing, CPU offload of optimizer states.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from rl import algos
+from rl.batch import TrainBatch, collate, split
+from rollout.routing import RoutingController
+from rollout.sample import Sample
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    model: str  # local HF checkpoint directory
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    micro_batch_size: int = 8
+    logprob_chunk: int = 256
+    param_dtype: str = "float32"  # bf16 on GPU for mixed precision (master weights stay fp32)
+    loss: str = "grpo"  # a POLICY_LOSSES name: grpo | sft
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    kl_estimator: str = "unbiased_k3"
+    opsm_delta: float | None = None
+    aggregation: str = "seq_mean_token_mean"
+    keep_routing: bool = True
+    keep_sampling_mask: bool = True
+    temperature: float = 1.0  # the engine's sampling temperature (pi_old is of logits / temperature)
+    kl_coefs: dict = field(default_factory=dict)  # domain -> beta; no reference model when all are 0
+    seed: int = 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Learner:
+    def __init__(self, cfg: LearnerConfig, rank: int = 0, world_size: int = 1, master_port: int | None = None):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        if not dist.is_initialized():
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ["MASTER_PORT"] = str(master_port or _free_port())
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, rank=rank, world_size=world_size)
+        self._seed(cfg.seed)
+        self.model, self.routing = self._load(trainable=True)
+        self.ref = None
+        if any(float(b) != 0.0 for b in cfg.kl_coefs.values()):
+            self.ref, self.ref_routing = self._load(trainable=False)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+                                           weight_decay=cfg.weight_decay)
+        warm = max(cfg.warmup_steps, 0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / (warm + 1)))
+        self.step = 0
+        self.policy_version = 0
+
+    # ------------------------------------------------------------------------------------------ setup
+    def _seed(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _load(self, trainable: bool):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(self.cfg.model, dtype=torch.float32).to(self.device)
+        model.set_output_embeddings(ChunkedLogprobHead(model.get_output_embeddings()))
+        routing = RoutingController(model)  # patch the routers before sharding wraps the layers
+        mp = MixedPrecisionPolicy(param_dtype=getattr(torch, self.cfg.param_dtype), reduce_dtype=torch.float32)
+        for layer in _decoder_layers(model):
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        if not trainable:
+            model.eval().requires_grad_(False)
+        else:
+            model.train()
+        return model, routing
+
+    # ---------------------------------------------------------------------------------------- forward
+    def _logprobs(self, model, routing, mb: TrainBatch, replay: bool):
+        """Per-position log-probs `[B, T]` of the targets, entropy `[B, T]`, and routing agreement."""
+        ids = mb.input_ids.to(self.device)
+        attn = mb.attention_mask.to(self.device)
+        recorded = mb.routed_experts is not None and routing.is_moe
+        replaying = replay and recorded
+        routed = mb.routed_experts.reshape(-1, *mb.routed_experts.shape[2:]) if recorded else None
+        kept = mb.kept_ids.to(self.device) if (self.cfg.keep_sampling_mask and mb.kept_ids is not None) else None
+        head = model.get_output_embeddings()
+        head.request = (mb.targets.to(self.device), kept, self.cfg.logprob_chunk, self.cfg.temperature)
+        try:
+            # Replay forces the engine's experts; without replay the router's own choice is captured so
+            # the train/infer routing agreement is still measured.
+            ctx = routing.replay(routed.to(self.device)) if replaying else routing.capture() if recorded else _null()
+            with ctx:
+                logp = model(input_ids=ids, attention_mask=attn, use_cache=False).logits  # [B, T] via the head
+            agreement = None
+            if replaying:
+                agreement = routing.agreement(routed, mb.loss_mask)
+            elif recorded:
+                routing.own_topk = list(routing.take_captured()[0].long().unbind(1))
+                agreement = routing.agreement(routed, mb.loss_mask)
+        finally:
+            head.request = None
+        return logp, head.entropy, agreement
+
+    @torch.no_grad()
+    def logprobs(self, samples: list[Sample]) -> list[list[float]]:
+        """The current policy's log-probs of each sample's response tokens (as the loss sees them)."""
+        batch = collate(samples, use_sampling_mask=self.cfg.keep_sampling_mask)
+        logp, _, _ = self._logprobs(self.model, self.routing, batch, self.cfg.keep_routing)
+        return [logp[b][batch.loss_mask[b] > 0].tolist() for b in range(len(samples))]
+
+    # ------------------------------------------------------------------------------------------- step
+    def train_step(self, samples: list[Sample], totals: dict) -> dict[str, float]:
+        """One optimiser step on this rank's `samples`; `totals` holds the step's `num_seqs`,
+        `num_tokens`, `max_len` and `num_micro` over all ranks (see `step_totals`). Returns metrics
+        (all-reduced over ranks)."""
+        sums = self.accumulate_grads(samples, totals)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        return self._reduce_metrics(sums, grad_norm)
+
+    def zero_grads(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def full_grads(self) -> dict[str, torch.Tensor]:
+        """Unsharded gradients (for tests of the loss normalisation); every rank must call."""
+        return {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().cpu().clone()
+                for n, p in self.model.named_parameters() if p.grad is not None}
+
+    def accumulate_grads(self, samples: list[Sample], totals: dict) -> dict[str, float]:
+        """Forward + backward over this rank's micro-batches; gradients accumulate, no optimiser step."""
+        cfg = self.cfg
+        self.model.train()
+        batch = collate(samples, cfg.kl_coefs, use_sampling_mask=cfg.keep_sampling_mask)
+        micro = split(batch, cfg.micro_batch_size)
+        # Every rank must run the same number of forwards (FSDP collectives); pad with loss-free copies.
+        while len(micro) < totals.get("num_micro", len(micro)):
+            micro.append(_without_loss(micro[0]))
+        denom = {"seq_mean_token_mean": totals["num_seqs"], "token_mean": totals["num_tokens"],
+                 "seq_mean_token_sum_norm": totals["num_seqs"] * totals["max_len"]}[cfg.aggregation]
+        loss_fn = algos.POLICY_LOSSES.get(cfg.loss)
+        sums: dict[str, float] = {}
+        for mb in micro:
+            logp, ent, agreement = self._logprobs(self.model, self.routing, mb, cfg.keep_routing)
+            mask = mb.loss_mask.to(self.device)
+            n_tok = float(mask.sum())
+            if cfg.loss == "sft":
+                loss, metrics = loss_fn(logp, mask, denom=totals["num_tokens"])
+            else:
+                logp_ref = None
+                if self.ref is not None:
+                    with torch.no_grad():
+                        logp_ref, _, _ = self._logprobs(self.ref, self.ref_routing, mb, cfg.keep_routing)
+                old = mb.logp_old.to(self.device)
+                loss, metrics = loss_fn(logp, old, logp_ref, mb.advantages.to(self.device), mask,
+                                        clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high,
+                                        kl_coef=mb.kl_coef.to(self.device), kl_estimator=cfg.kl_estimator,
+                                        opsm_delta=cfg.opsm_delta, aggregation=cfg.aggregation, denom=denom)
+                with torch.no_grad():  # train-vs-engine mismatch: k3 estimate of KL(pi_old || pi_theta)
+                    d = torch.where(mask > 0, logp.detach() - old, torch.zeros_like(old))
+                    metrics["mismatch_kl"] = float(((d.exp() - d - 1) * mask).sum() / max(n_tok, 1))
+            (loss * self.world_size).backward()
+            metrics["entropy"] = float((ent * mask).sum() / max(n_tok, 1))
+            if agreement is not None:
+                metrics["routing_agreement"] = agreement
+            for k, v in metrics.items():  # token-weighted sums, reduced over micro-batches and ranks
+                sums[k] = sums.get(k, 0.0) + v * n_tok
+            sums["loss"] = sums.get("loss", 0.0) + loss.item()
+            sums["_tokens"] = sums.get("_tokens", 0.0) + n_tok
+        return sums
+
+    def _reduce_metrics(self, sums: dict, grad_norm: float) -> dict[str, float]:
+        keys = sorted(sums)
+        t = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+        if dist.is_initialized() and self.world_size > 1:
+            dist.all_reduce(t)
+        red = dict(zip(keys, t.tolist()))
+        tokens = max(red.pop("_tokens"), 1.0)
+        out = {k: (v if k == "loss" else v / tokens) for k, v in red.items()}
+        out.update(grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0], skipped=float(not math.isfinite(grad_norm)))
+        return out
+
+    # ------------------------------------------------------------------------------- weights & state
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The unsharded model weights on CPU (every rank must call; all get the full dict)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def export_hf(self, out_dir: str, bucket_mb: int = 512, version: int | None = None) -> str | None:
+        """Write the current weights as a HF checkpoint (rank 0 writes; every rank must call)."""
+        from rollout.weights import export_hf_checkpoint
+
+        sd = self.full_state_dict()
+        path = None
+        if self.rank == 0:
+            path = str(export_hf_checkpoint(_unwrap_for_save(self.model), out_dir, self.cfg.model, bucket_mb, state_dict=sd))
+        if version is not None:
+            self.policy_version = version
+        if dist.is_initialized():
+            dist.barrier()
+        return path
+
+    def save_checkpoint(self, ckpt_dir: str, extra: dict | None = None) -> None:
+        """Model, optimizer, scheduler, RNG, step, version and the caller's `extra` (data position...),
+        written to a temp dir and renamed into place: a crash leaves the previous checkpoint intact."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=opts)
+        if self.rank == 0:
+            out = Path(ckpt_dir)
+            tmp = out.with_name(f".{out.name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            torch.save({"model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(),
+                        "rng": _rng_state(), "step": self.step, "policy_version": self.policy_version,
+                        "config": asdict(self.cfg), "extra": extra or {}}, tmp / "state.pt")
+            (tmp / "COMPLETE").write_text("ok\n")  # written last: its presence means the state is whole
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def load_checkpoint(self, ckpt_dir: str) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        path = Path(ckpt_dir)
+        if not (path / "COMPLETE").is_file():
+            raise FileNotFoundError(f"checkpoint '{ckpt_dir}' is incomplete or missing (no COMPLETE marker)")
+        state = torch.load(path / "state.pt", weights_only=False)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
+        self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        self.step, self.policy_version = state["step"], state["policy_version"]
+        return state["extra"]
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _without_loss(mb: TrainBatch) -> TrainBatch:
+    from dataclasses import replace
+
+    return replace(mb, loss_mask=torch.zeros_like(mb.loss_mask))
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def _decoder_layers(model) -> list[torch.nn.Module]:
+    base = getattr(model, model.base_model_prefix)
+    return list(base.layers)
+
+
+class ChunkedLogprobHead(torch.nn.Module):
+    """Stands in for the LM head so the model's own forward (and FSDP's hooks on it) runs unchanged, but
+    returns the targets' log-probs `[B, T]` from `token_logprobs` instead of `[B, T, V]` logits while a
+    `request` is set. Holds the same weight Parameter (tied embeddings stay tied)."""
+
+    def __init__(self, linear: torch.nn.Module):
+        super().__init__()
+        self.weight = linear.weight
+        self.request = None  # (targets [B, T], kept ids or None, chunk size, temperature)
+        self.entropy = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.request is None:
+            return torch.nn.functional.linear(hidden, self.weight)
+        targets, kept, chunk, temperature = self.request
+        logp, self.entropy = algos.token_logprobs(hidden, self.weight, targets, chunk, kept_ids=kept,
+                                                  temperature=temperature, return_entropy=True)
+        return logp
+
+
+def _unwrap_for_save(model):
+    return model  # FSDP2 keeps the HF class (as a subclass), so save_pretrained works with a full state dict
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None:
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def step_totals(samples: list[Sample], world_size: int = 1, micro_batch_size: int = 1) -> dict:
+    """The step-level loss normalisers over all samples of the step (before splitting across ranks), and
+    the number of micro-batches the busiest rank runs."""
+    per_rank = math.ceil(len(samples) / world_size)
+    return {"num_seqs": len(samples),
+            "num_tokens": sum(sum(s.loss_mask) for s in samples),
+            "max_len": max((len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples), default=1),
+            "num_micro": math.ceil(per_rank / micro_batch_size)}
+
+
+class LearnerGroup:
+    """`world_size` Learner ranks as Ray actors (one process each), driven as one."""
+
+    def __init__(self, cfg: LearnerConfig, world_size: int = 1, num_cpus: float = 1, num_gpus: float = 0):
+        import ray
+
+        port = _free_port()
+        cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(Learner)
+        self.world_size, self.micro_batch_size = world_size, cfg.micro_batch_size
+        self.actors = [cls.remote(cfg, r, world_size, port) for r in range(world_size)]
+        ray.get([a.__ray_ready__.remote() for a in self.actors])
+
+    def _all(self, method: str, *args_per_rank, timeout: float | None = None):
+        import ray
+
+        refs = [getattr(a, method).remote(*(x[r] if isinstance(x, _PerRank) else x for x in args_per_rank))
+                for r, a in enumerate(self.actors)]
+        return ray.get(refs, timeout=timeout)
+
+    def train_step(self, samples: list[Sample]) -> dict[str, float]:
+        if len(samples) < self.world_size:
+            raise ValueError(f"train_step: {len(samples)} samples for {self.world_size} learner ranks")
+        shards = _PerRank([samples[r :: self.world_size] for r in range(self.world_size)])
+        return self._all("train_step", shards, step_totals(samples, self.world_size, self.micro_batch_size))[0]
+
+    def logprobs(self, samples: list[Sample]) -> list[list[float]]:
+        return self._all("logprobs", samples)[0]
+
+    def export_hf(self, out_dir: str, bucket_mb: int = 512, version: int | None = None) -> str:
+        return self._all("export_hf", out_dir, bucket_mb, version)[0]
+
+    def save_checkpoint(self, ckpt_dir: str, extra: dict | None = None) -> None:
+        self._all("save_checkpoint", ckpt_dir, extra)
+
+    def load_checkpoint(self, ckpt_dir: str) -> dict:
+        return self._all("load_checkpoint", ckpt_dir)[0]
+
+    def shutdown(self) -> None:
+        import ray
+
+        try:
+            self._all("shutdown", timeout=30)
+        finally:
+            for a in self.actors:
+                ray.kill(a)
+
+
+class _PerRank(list):
+    """Marks an argument that differs per rank."""
