@@ -143,11 +143,25 @@ class Learner:
         return [logp[b][batch.loss_mask[b] > 0].tolist() for b in range(len(samples))]
 
     # ------------------------------------------------------------------------------------------- step
-    def train_step(self, samples: list[Sample], totals: dict) -> dict[str, float]:
+    def reset_reference(self) -> None:
+        """Make the reference model the current policy (V3.2: the KL anchors RL to its own starting point,
+        e.g. the SFT model after distillation). Same sharding, so the sharded state dicts load directly."""
+        if self.ref is not None:
+            with torch.no_grad():
+                for p_ref, p in zip(self.ref.parameters(), self.model.parameters()):
+                    p_ref.copy_(p)
+
+    def set_lr(self, lr: float) -> None:
+        """A new base learning rate (e.g. between the SFT and RL stages); the warm-up schedule scales it."""
+        self.scheduler.base_lrs = [lr for _ in self.optimizer.param_groups]
+        for g, f in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
+            g["lr"] = lr * f(self.scheduler.last_epoch)
+
+    def train_step(self, samples: list[Sample], totals: dict, loss: str | None = None) -> dict[str, float]:
         """One optimiser step on this rank's `samples`; `totals` holds the step's `num_seqs`,
-        `num_tokens`, `max_len` and `num_micro` over all ranks (see `step_totals`). Returns metrics
-        (all-reduced over ranks)."""
-        sums = self.accumulate_grads(samples, totals)
+        `num_tokens`, `max_len` and `num_micro` over all ranks (see `step_totals`). `loss` overrides the
+        configured policy loss (the SFT stage). Returns metrics (all-reduced over ranks)."""
+        sums = self.accumulate_grads(samples, totals, loss)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if math.isfinite(grad_norm):
@@ -165,9 +179,10 @@ class Learner:
         return {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().cpu().clone()
                 for n, p in self.model.named_parameters() if p.grad is not None}
 
-    def accumulate_grads(self, samples: list[Sample], totals: dict) -> dict[str, float]:
+    def accumulate_grads(self, samples: list[Sample], totals: dict, loss: str | None = None) -> dict[str, float]:
         """Forward + backward over this rank's micro-batches; gradients accumulate, no optimiser step."""
         cfg = self.cfg
+        loss_name = loss or cfg.loss
         self.model.train()
         batch = collate(samples, cfg.kl_coefs, use_sampling_mask=cfg.keep_sampling_mask)
         micro = split(batch, cfg.micro_batch_size)
@@ -176,13 +191,13 @@ class Learner:
             micro.append(_without_loss(micro[0]))
         denom = {"seq_mean_token_mean": totals["num_seqs"], "token_mean": totals["num_tokens"],
                  "seq_mean_token_sum_norm": totals["num_seqs"] * totals["max_len"]}[cfg.aggregation]
-        loss_fn = algos.POLICY_LOSSES.get(cfg.loss)
+        loss_fn = algos.POLICY_LOSSES.get(loss_name)
         sums: dict[str, float] = {}
         for mb in micro:
             logp, ent, agreement = self._logprobs(self.model, self.routing, mb, cfg.keep_routing)
             mask = mb.loss_mask.to(self.device)
             n_tok = float(mask.sum())
-            if cfg.loss == "sft":
+            if loss_name == "sft":
                 loss, metrics = loss_fn(logp, mask, denom=totals["num_tokens"])
             else:
                 logp_ref = None
@@ -365,11 +380,17 @@ class LearnerGroup:
                 for r, a in enumerate(self.actors)]
         return ray.get(refs, timeout=timeout)
 
-    def train_step(self, samples: list[Sample]) -> dict[str, float]:
+    def train_step(self, samples: list[Sample], loss: str | None = None) -> dict[str, float]:
         if len(samples) < self.world_size:
             raise ValueError(f"train_step: {len(samples)} samples for {self.world_size} learner ranks")
         shards = _PerRank([samples[r :: self.world_size] for r in range(self.world_size)])
-        return self._all("train_step", shards, step_totals(samples, self.world_size, self.micro_batch_size))[0]
+        return self._all("train_step", shards, step_totals(samples, self.world_size, self.micro_batch_size), loss)[0]
+
+    def set_lr(self, lr: float) -> None:
+        self._all("set_lr", lr)
+
+    def reset_reference(self) -> None:
+        self._all("reset_reference")
 
     def logprobs(self, samples: list[Sample]) -> list[list[float]]:
         return self._all("logprobs", samples)[0]

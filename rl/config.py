@@ -1,0 +1,237 @@
+"""The config schema (frozen dataclasses; YAML only composes) and its loading.
+
+`load_config(overrides)` composes `configs/config.yaml` with Hydra's compose API and the user's overrides
+(`algo.kl_coef=0.01 rollout.n=8 model=tiny_moe`), merges it into the schema (unknown keys and wrong types
+fail with the key path), then checks ranges. All of it runs before Ray or any model starts.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: Optional[str] = None  # a local HF checkpoint directory
+    tiny: Optional[str] = None  # or build a tiny random model of this kind ('dense' | 'moe') in the run dir
+    tiny_overrides: dict = field(default_factory=dict)  # HF config fields for the tiny model
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class AlgoConfig:
+    name: str = "grpo"  # the policy loss (rl.algos.POLICY_LOSSES)
+    advantage: str = "grpo"  # rl.algos.ADVANTAGES: grpo (V3.2, no std) | grpo_std
+    clip_eps: float = 0.2
+    clip_eps_high: Optional[float] = None  # DAPO clip-higher; None = clip_eps
+    kl_coef: float = 0.0  # beta for every domain without its own entry in kl_coef_per_domain
+    kl_coef_per_domain: dict = field(default_factory=dict)  # domain -> beta (V3.2: 0 for math)
+    kl_estimator: str = "unbiased_k3"
+    opsm_delta: Optional[float] = None  # off-policy sequence masking threshold; None = off
+    aggregation: str = "seq_mean_token_mean"
+    keep_routing: bool = True
+    keep_sampling_mask: bool = True
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    engine: str = "vllm"  # vllm | reference
+    num_engines: int = 1
+    n: int = 8  # samples per prompt (group size)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 64
+    max_model_len: int = 1024
+    chunk_prompts: int = 16  # prompts per engine call (dynamic batching granularity)
+    dtype: str = "float32"
+    engine_cpus: float = 1.0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = MISSING  # JSONL / Parquet file or a saved `datasets` directory
+    eval: Optional[str] = None
+    prompts_per_step: int = 16
+    shuffle_seed: int = 0
+    skip_bad_rows: bool = False  # False: stop at the first malformed row; True: skip and count them
+    system_prompt: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    enabled: bool = False
+    specialists: dict = field(default_factory=dict)  # domain -> 'rule' or a checkpoint path
+    samples_per_prompt: int = 1
+    epochs: int = 1
+    lr: float = 1e-3
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    steps: int = 10
+    lr: float = 1e-5
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    micro_batch_size: int = 16
+    logprob_chunk: int = 256
+    world_size: int = 1  # learner ranks (processes)
+    learner_cpus: float = 1.0
+    mode: str = "sync"  # sync | async (rollouts for step k+1 run while step k trains)
+    max_staleness: int = 1  # async: samples older than this many policy versions are dropped (counted)
+    eval_every: int = 0  # 0 = only at the end
+    save_every: int = 0  # 0 = only at the end
+    max_nonfinite_steps: int = 3  # stop after this many steps with a NaN/inf loss or reward
+    max_failure_rate: float = 0.5  # stop when more than this fraction of a step's samples failed
+    run_dir: str = "runs/default"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    k: int = 4  # samples per prompt for pass@k / maj@k
+    max_prompts: int = 64
+    temperature: float = 1.0
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    wandb: bool = True
+    wandb_mode: str = "offline"  # offline | online (online needs WANDB_API_KEY) | disabled
+    project: str = "v32rl"
+    plots: bool = True
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    address: Optional[str] = None  # None: start Ray in-process; 'auto' or host:port: attach
+    num_cpus: Optional[int] = None
+    host: str = "127.0.0.1"  # where a Ray head started by launch/ binds
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rewards: Any = MISSING  # domain -> reward spec (rewards.spec); validated by rewards.parse_specs
+    data: DataConfig = field(default_factory=DataConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+class ConfigError(ValueError):
+    """A config problem; the message starts with the key path."""
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "config"):
+    """Hydra composition of `configs/<config_name>.yaml` with overrides (no schema yet)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+
+    # Dotted overrides become "++key=value" (set or add): every schema field can be overridden whether or
+    # not a YAML file mentions it; a key that is not in the schema still fails in `to_schema`.
+    overrides = [o if o[0] in "+~" or "." not in o.split("=", 1)[0] else "++" + o for o in overrides or []]
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            return hydra_compose(config_name=config_name, overrides=overrides)
+    except HydraException as exc:
+        raise ConfigError(f"config: {exc}") from None
+
+
+def to_schema(raw) -> Config:
+    """Merge a composed config into the schema: unknown keys, wrong types and missing fields fail here."""
+    try:
+        schema = OmegaConf.structured(Config)
+        _writable(schema)  # frozen dataclasses become read-only nodes; the merge must write into them
+        merged = OmegaConf.merge(schema, raw)
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"{missing[0]}: Missing mandatory value" + (f" (also {missing[1:]})" if missing[1:] else ""))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or ""
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(f"{key}: {msg}" if key else msg) from None
+    validate(cfg)
+    return cfg
+
+
+def _writable(node) -> None:
+    from omegaconf import DictConfig
+
+    OmegaConf.set_readonly(node, False)
+    if isinstance(node, DictConfig):
+        for key in node:
+            child = node._get_node(key)
+            if isinstance(child, DictConfig):
+                _writable(child)
+
+
+def load_config(overrides: list[str] | None = None, config_name: str = "config") -> Config:
+    return to_schema(compose(overrides, config_name))
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: Config) -> None:
+    """Range and consistency checks with key paths (types were checked by the schema)."""
+    from rewards import SpecError, parse_specs
+    from rl import algos
+    from rollout.engine import ENGINES
+
+    import rollout.reference_engine  # noqa: F401  (register the engines; vLLM itself is imported lazily)
+    import rollout.vllm_engine  # noqa: F401
+
+    a, r, t, d = cfg.algo, cfg.rollout, cfg.trainer, cfg.data
+    _check((cfg.model.path is None) != (cfg.model.tiny is None), "model", "set exactly one of model.path and model.tiny")
+    _check(cfg.model.tiny in (None, "dense", "moe"), "model.tiny", f"must be 'dense' or 'moe', got {cfg.model.tiny!r}")
+    if cfg.model.path is not None:
+        _check((Path(cfg.model.path) / "config.json").is_file(), "model.path", f"'{cfg.model.path}' is not a HF checkpoint directory")
+    _check(a.name in algos.POLICY_LOSSES, "algo.name", f"unsupported {a.name!r}. Supported: {algos.POLICY_LOSSES.names()}")
+    _check(a.advantage in algos.ADVANTAGES, "algo.advantage", f"unsupported {a.advantage!r}. Supported: {algos.ADVANTAGES.names()}")
+    _check(a.kl_estimator in algos.KL_ESTIMATORS, "algo.kl_estimator", f"unsupported {a.kl_estimator!r}. Supported: {algos.KL_ESTIMATORS.names()}")
+    _check(a.aggregation in algos.AGGREGATIONS, "algo.aggregation", f"unsupported {a.aggregation!r}. Supported: {algos.AGGREGATIONS.names()}")
+    _check(0 < a.clip_eps < 1, "algo.clip_eps", f"must be in (0, 1), got {a.clip_eps}")
+    _check(a.clip_eps_high is None or a.clip_eps_high > 0, "algo.clip_eps_high", f"must be > 0, got {a.clip_eps_high}")
+    _check(a.kl_coef >= 0, "algo.kl_coef", f"must be >= 0, got {a.kl_coef}")
+    for dom, beta in a.kl_coef_per_domain.items():
+        _check(isinstance(beta, (int, float)) and beta >= 0, f"algo.kl_coef_per_domain.{dom}", f"must be a number >= 0, got {beta!r}")
+    _check(a.opsm_delta is None or a.opsm_delta >= 0, "algo.opsm_delta", f"must be >= 0, got {a.opsm_delta}")
+    _check(r.engine in ENGINES, "rollout.engine", f"unsupported {r.engine!r}. Supported: {ENGINES.names()}")
+    _check(r.n >= (2 if a.name == "grpo" else 1), "rollout.n", f"GRPO needs a group of at least 2 samples, got {r.n}")
+    _check(r.temperature >= 0, "rollout.temperature", f"must be >= 0, got {r.temperature}")
+    _check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
+    _check(r.max_tokens >= 1 and r.num_engines >= 1, "rollout", "max_tokens and num_engines must be >= 1")
+    _check(t.steps >= 0 and t.lr > 0 and t.world_size >= 1 and t.micro_batch_size >= 1, "trainer",
+           "steps >= 0, lr > 0, world_size >= 1 and micro_batch_size >= 1 are required")
+    _check(t.mode in ("sync", "async"), "trainer.mode", f"must be 'sync' or 'async', got {t.mode!r}")
+    _check(t.max_staleness >= 0, "trainer.max_staleness", "must be >= 0")
+    _check(math.isfinite(t.lr), "trainer.lr", "must be finite")
+    _check(d.prompts_per_step >= 1, "data.prompts_per_step", "must be >= 1")
+    _check(cfg.logging.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode", "offline | online | disabled")
+    try:
+        specs = parse_specs(cfg.rewards or {}, where="rewards")
+    except SpecError as exc:
+        raise ConfigError(str(exc)) from None
+    _check(bool(specs), "rewards", "at least one domain's reward spec is required")
+
+
+def domain_betas(cfg: Config, domains) -> dict[str, float]:
+    return {dom: float(cfg.algo.kl_coef_per_domain.get(dom, cfg.algo.kl_coef)) for dom in domains}

@@ -1,0 +1,66 @@
+"""Specialist distillation (V3.2 section 3.2): specialists' outputs, filtered by the rewards, SFT the
+generalist; mixed RL follows in the same run.
+
+A specialist is `rule` (the task family's rule-based solver, `rl.synthetic.solve`) or a HF checkpoint
+path, whose outputs are generated with the rollout engines. Either way the outputs are scored with the
+domain's reward spec and only those whose primary reward is > 0.5 are kept. The SFT loss is token-mean
+cross-entropy on the response tokens (`rl.algos` "sft"), in the same learner as RL.
+
+Resumability: the driver skips distillation when a checkpoint exists (it is saved after SFT, before RL).
+"""
+from __future__ import annotations
+
+import random
+
+from rl import pipeline
+from rl.synthetic import solve
+from rollout.engine import SamplingConfig
+from rollout.sample import Sample, Status
+
+
+def specialist_outputs(run, domain: str, specialist: str, prompts) -> list[tuple[object, str]]:
+    """(prompt, text) pairs from one specialist."""
+    if specialist == "rule":
+        return [(p, solve(p.row)) for p in prompts]
+    from rollout.engine import EngineConfig
+    from rollout.manager import RolloutManager
+
+    r = run.cfg.rollout
+    mgr = RolloutManager(EngineConfig(model=specialist, engine=r.engine, dtype=r.dtype, max_model_len=r.max_model_len),
+                         num_engines=1, chunk_prompts=r.chunk_prompts, num_cpus=r.engine_cpus)
+    try:
+        sp = SamplingConfig(n=run.cfg.distill.samples_per_prompt, temperature=r.temperature, max_tokens=r.max_tokens, seed=0)
+        samples, _ = pipeline.generate(mgr, prompts, sp)
+    finally:
+        mgr.shutdown()
+    return [(prompts[s.prompt_index], run.tok.decode(s.response_ids, skip_special_tokens=True)) for s in samples]
+
+
+def to_sft_sample(run, prompt, text: str) -> Sample:
+    ids = list(run.tok(text, add_special_tokens=False)["input_ids"]) + [run.tok.eos_token_id]
+    return Sample(prompt_ids=prompt.prompt_ids, response_ids=ids, logprobs=[0.0] * len(ids), loss_mask=[1] * len(ids),
+                  status=Status.COMPLETED, domain=prompt.row["domain"], metadata=prompt.row, text=text)
+
+
+def distill(run, learner) -> dict:
+    cfg = run.cfg.distill
+    kept, metrics = [], {}
+    for domain, specialist in cfg.specialists.items():
+        prompts = [p for p in run.train_prompts if p.row["domain"] == domain]
+        samples = [to_sft_sample(run, p, text) for p, text in specialist_outputs(run, domain, specialist, prompts)]
+        pipeline.score(samples, {domain: run.specs[domain]}, run.pool, run.tok)
+        good = [s for s in samples if (s.rewards.get(run.specs[domain].primary) or 0.0) > 0.5]
+        metrics[f"distill/{domain}/kept_frac"] = len(good) / max(len(samples), 1)
+        kept.extend(good)
+    if not kept:
+        raise RuntimeError("distillation kept no sample: check distill.specialists and the reward specs")
+    learner.set_lr(cfg.lr)
+    rng, losses = random.Random(0), []
+    for _ in range(cfg.epochs):
+        rng.shuffle(kept)
+        for s in range(0, len(kept), cfg.batch_size):
+            losses.append(learner.train_step(kept[s : s + cfg.batch_size], loss="sft")["nll"])
+    learner.set_lr(run.cfg.trainer.lr)
+    learner.reset_reference()  # RL's KL anchors to the distilled model, not the random init
+    metrics.update({"distill/examples": len(kept), "distill/nll_first": losses[0], "distill/nll_last": losses[-1]})
+    return metrics

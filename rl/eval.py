@@ -1,0 +1,80 @@
+"""Evaluation with the training scorers: greedy accuracy, pass@k and maj@k from k samples, response length
+and language consistency, per domain. `python -m rl.eval --checkpoint DIR [overrides]` evaluates any HF
+checkpoint with the same config machinery as training.
+
+"Correct" is the domain's primary reward dimension above 0.5 (1/0 rule scorers). maj@k takes the most
+common final answer (last `\\boxed{}`, else the text after `</think>`) among the k samples and counts the
+prompt as solved when a sample giving that answer is correct.
+"""
+from __future__ import annotations
+
+import argparse
+from collections import Counter, defaultdict
+
+from rewards.rule import last_boxed
+from rewards.base import split_thinking
+from rl import pipeline
+from rl.data import Prompt
+from rollout.engine import SamplingConfig
+
+
+def _correct(s, spec) -> bool:
+    v = s.rewards.get(spec.primary) if s.rewards else None
+    return v is not None and v > 0.5
+
+
+def _final_answer(text: str | None) -> str:
+    answer = split_thinking(text or "")[1]
+    boxed = last_boxed(answer)
+    return (boxed if boxed is not None else answer).strip()
+
+
+def evaluate(engines, prompts: list[Prompt], specs: dict, pool, tokenizer, k: int, temperature: float,
+             max_tokens: int, seed: int = 0) -> dict[str, float]:
+    out: dict[str, float] = {}
+    greedy, _ = pipeline.generate(engines, prompts, SamplingConfig(n=1, temperature=0.0, max_tokens=max_tokens))
+    pipeline.score(greedy, specs, pool, tokenizer)
+    sampled, _ = pipeline.generate(engines, prompts, SamplingConfig(n=k, temperature=temperature, max_tokens=max_tokens, seed=seed))
+    pipeline.score(sampled, specs, pool, tokenizer)
+    groups = defaultdict(list)
+    for s in sampled:
+        groups[s.prompt_index].append(s)
+    for domain, spec in specs.items():
+        g = [s for s in greedy if s.domain == domain]
+        if not g:
+            continue
+        out[f"eval/{domain}/greedy_acc"] = sum(_correct(s, spec) for s in g) / len(g)
+        out[f"eval/{domain}/response_length"] = sum(len(s.response_ids) for s in g) / len(g)
+        lang = [s.rewards.get("language") for s in g if s.rewards and s.rewards.get("language") is not None]
+        if lang:
+            out[f"eval/{domain}/language_consistency"] = sum(lang) / len(lang)
+        idx = [s.prompt_index for s in g]
+        out[f"eval/{domain}/pass@{k}"] = sum(any(_correct(s, spec) for s in groups[i]) for i in idx) / len(idx)
+        maj = 0
+        for i in idx:
+            answers = Counter(_final_answer(s.text) for s in groups[i])
+            top = answers.most_common(1)[0][0]
+            maj += any(_final_answer(s.text) == top and _correct(s, spec) for s in groups[i])
+        out[f"eval/{domain}/maj@{k}"] = maj / len(idx)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Evaluate a HF checkpoint on the config's eval data.")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--config-name", default="config")
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args(argv)
+    from rl.train import Run, ray_session
+
+    overrides = [o for o in a.overrides if not o.startswith(("model.path=", "model.tiny="))]
+    cfg_overrides = overrides + [f"model.path={a.checkpoint}", "model.tiny=null"]
+    run = Run.create(cfg_overrides, a.config_name, for_eval=True)
+    with ray_session(run.cfg.cluster):
+        metrics = run.evaluate(run.engines())
+    for key in sorted(metrics):
+        print(f"{key:40s} {metrics[key]:.4f}")
+
+
+if __name__ == "__main__":
+    main()
