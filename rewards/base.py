@@ -79,7 +79,8 @@ def take_events() -> dict[str, int]:
 
 
 def check_scores(name: str, scores, n: int) -> list[float | None]:
-    """Validate a scorer's output: a list of n floats (finite) or None."""
+    """Validate a scorer's output: a list of n numbers or None. NaN/inf become None (the sample abstains)
+    and are counted as `<name>:nonfinite`; anything else malformed is a ScorerError."""
     if not isinstance(scores, (list, tuple)):
         raise ScorerError(f"scorer '{name}' returned {type(scores).__name__}, expected a list of {n} floats or None")
     if len(scores) != n:
@@ -89,8 +90,12 @@ def check_scores(name: str, scores, n: int) -> list[float | None]:
         if s is None:
             out.append(None)
             continue
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
-            raise ScorerError(f"scorer '{name}' returned {s!r} at index {i}; expected a finite float or None")
+        if isinstance(s, bool) or not isinstance(s, (int, float)):
+            raise ScorerError(f"scorer '{name}' returned {s!r} at index {i}; expected a float or None")
+        if not math.isfinite(s):
+            record_event(name, "nonfinite")
+            out.append(None)
+            continue
         out.append(float(s))
     return out
 

@@ -15,6 +15,7 @@ Not covered: tensor/pipeline/expert parallelism, sequence packing, CPU offload o
 """
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import random
@@ -30,6 +31,7 @@ from rl import algos
 from rl.batch import TrainBatch, collate, split
 from rollout.routing import RoutingController
 from rollout.sample import Sample
+from rollout.weights import recover_dir, replace_dir
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class LearnerConfig:
     temperature: float = 1.0  # the engine's sampling temperature (pi_old is of logits / temperature)
     kl_coefs: dict = field(default_factory=dict)  # domain -> beta; no reference model when all are 0
     seed: int = 0
+    collective_timeout_s: float = 300.0  # a rank stuck this long in a collective fails instead of hanging
 
 
 def _free_port() -> int:
@@ -72,7 +75,8 @@ class Learner:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ["MASTER_PORT"] = str(master_port or _free_port())
             backend = "nccl" if self.device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, rank=rank, world_size=world_size)
+            dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                    timeout=datetime.timedelta(seconds=cfg.collective_timeout_s))
         self._seed(cfg.seed)
         self.model, self.routing = self._load(trainable=True)
         self.ref = None
@@ -270,9 +274,7 @@ class Learner:
                         "rng": _rng_state(), "step": self.step, "policy_version": self.policy_version,
                         "config": asdict(self.cfg), "extra": extra or {}}, tmp / "state.pt")
             (tmp / "COMPLETE").write_text("ok\n")  # written last: its presence means the state is whole
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
+            replace_dir(tmp, out)
         if dist.is_initialized():
             dist.barrier()
 
@@ -280,6 +282,10 @@ class Learner:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
         path = Path(ckpt_dir)
+        if self.rank == 0:
+            recover_dir(path)
+        if dist.is_initialized():
+            dist.barrier()
         if not (path / "COMPLETE").is_file():
             raise FileNotFoundError(f"checkpoint '{ckpt_dir}' is incomplete or missing (no COMPLETE marker)")
         state = torch.load(path / "state.pt", weights_only=False)
@@ -374,11 +380,24 @@ class LearnerGroup:
         ray.get([a.__ray_ready__.remote() for a in self.actors])
 
     def _all(self, method: str, *args_per_rank, timeout: float | None = None):
+        """Call `method` on every rank; the first rank that dies or raises fails the call at once, naming
+        the rank (the survivors would otherwise wait in a collective)."""
         import ray
 
         refs = [getattr(a, method).remote(*(x[r] if isinstance(x, _PerRank) else x for x in args_per_rank))
                 for r, a in enumerate(self.actors)]
-        return ray.get(refs, timeout=timeout)
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=timeout)
+            if not done:
+                raise LearnerFailure(f"learner ranks {[refs.index(p) for p in pending]} did not finish {method} in {timeout} s")
+            try:
+                ray.get(done[0])
+            except ray.exceptions.RayActorError as exc:
+                raise LearnerFailure(f"learner rank {refs.index(done[0])} died during {method}: {type(exc).__name__}") from None
+            except ray.exceptions.RayTaskError as exc:
+                raise LearnerFailure(f"learner rank {refs.index(done[0])} failed in {method}: {exc.cause!r}") from None
+        return ray.get(refs)
 
     def train_step(self, samples: list[Sample], loss: str | None = None) -> dict[str, float]:
         if len(samples) < self.world_size:
@@ -412,6 +431,10 @@ class LearnerGroup:
         finally:
             for a in self.actors:
                 ray.kill(a)
+
+
+class LearnerFailure(RuntimeError):
+    """A learner rank died, raised or hung; the message names the rank."""
 
 
 class _PerRank(list):

@@ -12,24 +12,28 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-PLOTS = {  # file -> metric-name prefixes drawn in it
-    "reward.png": ("reward/",),
-    "kl.png": ("train/kl", "train/mismatch_kl"),
-    "response_length.png": ("rollout/response_length",),
-    "opsm.png": ("train/opsm_masked_frac",),
-    "eval.png": ("eval/",),
+PLOTS = {  # file -> which metrics it draws
+    "reward.png": lambda k: k.startswith("reward/"),
+    "kl.png": lambda k: k in ("train/kl", "train/mismatch_kl"),
+    "response_length.png": lambda k: k.startswith(("rollout/", "eval/")) and k.endswith("response_length"),
+    "opsm.png": lambda k: k == "train/opsm_masked_frac",
+    "eval.png": lambda k: k.startswith("eval/") and not k.endswith("response_length"),
 }
 
 
 class Tracker:
-    def __init__(self, run_dir: str, cfg, resume: bool = False):
+    def __init__(self, run_dir: str, cfg, resume_step: int | None = None):
+        """`resume_step`: the checkpoint's step; rows logged after it (by the run that died) are dropped,
+        since those steps run again. None: a fresh run (old files are removed)."""
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
-        self.path = self.dir / "metrics.jsonl"
-        if not resume and self.path.exists():
-            self.path.unlink()
-        self.history: list[dict] = [json.loads(l) for l in self.path.read_text().splitlines()] if self.path.exists() else []
+        self.path, self.consumed_path = self.dir / "metrics.jsonl", self.dir / "consumed.jsonl"
+        for p in (self.path, self.consumed_path):
+            rows = [json.loads(l) for l in p.read_text().splitlines()] if p.exists() and resume_step is not None else []
+            p.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= (resume_step or 0)))
+        self.history: list[dict] = [json.loads(l) for l in self.path.read_text().splitlines()]
+        resume = resume_step is not None
         self.wandb = None
         if cfg.logging.wandb and cfg.logging.wandb_mode != "disabled":
             import wandb
@@ -47,6 +51,11 @@ class Tracker:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if k != "_kind" and v is not None}, step=step)
 
+    def log_consumed(self, step: int, sources: list[str]) -> None:
+        """Which prompts (file:row) a trained step consumed: resume tests compare these multisets."""
+        with open(self.consumed_path, "a") as f:
+            f.write(json.dumps({"step": step, "prompts": sources}) + "\n")
+
     def plots(self) -> list[Path]:
         import matplotlib
 
@@ -54,8 +63,8 @@ class Tracker:
         import matplotlib.pyplot as plt
 
         out = []
-        for name, prefixes in PLOTS.items():
-            keys = sorted({k for h in self.history for k in h if k.startswith(prefixes)})
+        for name, wanted in PLOTS.items():
+            keys = sorted({k for h in self.history for k in h if wanted(k)})
             if not keys:
                 continue
             fig, ax = plt.subplots(figsize=(7, 4))

@@ -21,6 +21,8 @@ from rl import pipeline
 from rl.cluster import ray_session
 from rl.config import Config, ConfigError, domain_betas, load_config
 from rl.data import DataError, PromptStream, load_prompts
+from rl.learner import LearnerFailure
+from rollout.manager import StaleWeightsError
 
 
 class RunError(RuntimeError):
@@ -33,6 +35,7 @@ class Batch:
     metrics: dict
     position: dict  # data position after this batch's prompts (saved when the batch is trained)
     seconds: float
+    sources: list  # file:row of each prompt
 
 
 class Run:
@@ -98,7 +101,8 @@ class Run:
 
         events = {f"events/{k}": v for k, v in take_events().items()}
         timing = {"time/generate": t1 - t0, "time/score": time.time() - t1}
-        return Batch(samples, {**gen, **rew, **adv, **events, **timing}, stream.position, time.time() - t0)
+        return Batch(samples, {**gen, **rew, **adv, **events, **timing}, stream.position, time.time() - t0,
+                     [p.source for p in prompts])
 
     def sync(self, learner, version: int) -> float:
         """Learner weights -> /dev/shm checkpoint -> every engine; versions are checked (StaleWeightsError)."""
@@ -141,25 +145,14 @@ def check_budgets(batch: Batch, metrics: dict, cfg: Config, nonfinite: int) -> i
     return nonfinite
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="GRPO with DeepSeek-V3.2's corrections.")
-    p.add_argument("--config-name", default="config")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. algo.kl_coef=0.01 rollout.n=8")
-    a = p.parse_args(argv)
-    try:
-        cfg = load_config(a.overrides, a.config_name)  # fails fast, before Ray or any model starts
-        run = Run(cfg)
-    except (ConfigError, DataError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def _loop(cfg: Config, run: Run, resume: bool):
     from rl.distill import distill
-    from rl.tracking import Tracker, summary_table
+    from rl.tracking import Tracker
 
-    resume = (run.ckpt / "COMPLETE").is_file()
-    tracker = Tracker(str(run.dir), cfg, resume=resume)
     with ray_session(cfg.cluster), ThreadPoolExecutor(1) as bg:
         learner, engines = run.learner(), run.engines()
         state = learner.load_checkpoint(str(run.ckpt)) if resume else {"step": 0, "data_position": None}
+        tracker = Tracker(str(run.dir), cfg, resume_step=state["step"] if resume else None)
         stream = PromptStream(run.train_prompts, cfg.data.shuffle_seed)
         if state["data_position"]:
             stream.restore(state["data_position"])
@@ -185,9 +178,10 @@ def main(argv: list[str] | None = None) -> int:
                 pending = bg.submit(run.collect, stream, step + 1)
             row = {**batch.metrics, **{f"train/{k}": v for k, v in metrics.items()}, "time/train": t_train,
                    "time/sync": t_sync, "rollout/stale_dropped": len(pipeline.trainable(batch.samples)) - len(fresh)}
-            if cfg.trainer.eval_every and (step + 1) % cfg.trainer.eval_every == 0:
+            if cfg.trainer.eval_every and (step + 1) % cfg.trainer.eval_every == 0 and step + 1 < cfg.trainer.steps:
                 row.update(run.evaluate(engines))
             tracker.log(step + 1, row)
+            tracker.log_consumed(step + 1, batch.sources)
             _progress(cfg, step + 1, row)
             if cfg.trainer.save_every and (step + 1) % cfg.trainer.save_every == 0:
                 run.save(learner, step + 1, batch.position)
@@ -196,6 +190,32 @@ def main(argv: list[str] | None = None) -> int:
         run.save(learner, cfg.trainer.steps, stream.position)  # nothing is in flight after the last step
         learner.export_hf(str(run.dir / "final_model"))
         learner.shutdown()
+    return tracker
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="GRPO with DeepSeek-V3.2's corrections.")
+    p.add_argument("--config-name", default="config")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. algo.kl_coef=0.01 rollout.n=8")
+    a = p.parse_args(argv)
+    try:
+        cfg = load_config(a.overrides, a.config_name)  # fails fast, before Ray or any model starts
+        run = Run(cfg)
+    except (ConfigError, DataError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from rl.tracking import summary_table
+    from rollout.weights import recover_dir
+
+    note = recover_dir(run.ckpt)  # a crash during the last checkpoint write
+    if note:
+        print(f"checkpoint recovery: {note}", file=sys.stderr)
+    resume = (run.ckpt / "COMPLETE").is_file()
+    try:
+        tracker = _loop(cfg, run, resume)
+    except (RunError, LearnerFailure, StaleWeightsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     tracker.finish()
     keys = sorted({k for h in tracker.history for k in h if k.startswith(("reward/", "eval/", "train/kl", "train/opsm"))})
     print(summary_table(tracker.history, keys))

@@ -118,14 +118,9 @@ def build_tiny_model(kind: str, out_dir: str | os.PathLike, seed: int = 0, dtype
         raise ValueError(f"Unknown tiny model kind '{kind}'. Supported: {sorted(KINDS)}")
     cfg_cls, model_cls, extra = KINDS[kind]
     tokenizer = build_tokenizer(seed)
-    cfg_kwargs = {**_COMMON, **extra, **overrides}
-    config = getattr(transformers, cfg_cls)(
-        vocab_size=len(tokenizer),
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **cfg_kwargs,
-    )
+    tokens = dict(vocab_size=len(tokenizer), bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    config = getattr(transformers, cfg_cls)(**{**tokens, **_COMMON, **extra, **overrides})
     config.architectures = [model_cls]  # vLLM picks the runner from this (see shared/gpu/README.md)
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).to(getattr(torch, dtype))

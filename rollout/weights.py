@@ -37,12 +37,33 @@ def export_hf_checkpoint(model, out_dir: str | os.PathLike, tokenizer_dir: str |
             if src.is_file():
                 shutil.copy2(src, tmp / name)
     _fsync_dir(tmp)
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    return replace_dir(tmp, out)
+
+
+def replace_dir(tmp: Path, out: Path) -> Path:
+    """Move the finished directory `tmp` to `out`, replacing it. At every instant either the old or the new
+    directory is complete under `out` or under `out`'s ".old" sibling (`recover_dir` finds it)."""
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
     if out.exists():
         out.rename(old)
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def recover_dir(out: Path) -> str | None:
+    """After a crash: put back the previous directory if the crash hit between the two renames, and
+    remove a half-written temp dir. Returns what was found, for the log (None when nothing was wrong)."""
+    old = out.with_name(f".{out.name}.old")
+    found = []
+    if not out.exists() and old.exists():
+        old.rename(out)
+        found.append(f"restored {out} from {old.name}")
+    for tmp in out.parent.glob(f".{out.name}.tmp*") if out.parent.exists() else []:
+        shutil.rmtree(tmp, ignore_errors=True)
+        found.append(f"removed half-written {tmp.name}")
+    return "; ".join(found) or None
 
 
 def _fsync_dir(path: Path) -> None:

@@ -98,8 +98,11 @@ def test_exact_and_regex():
 def test_contract_violations_name_the_scorer():
     with pytest.raises(ScorerError, match="scorer 'short' returned 1 scores for 2 completions"):
         call_scorer("short", lambda c, **_: [1.0], ["a", "b"])
-    with pytest.raises(ScorerError, match=r"scorer 'nan' returned nan at index 0"):
-        call_scorer("nan", lambda c, **_: [float("nan")], ["a"])
+    with pytest.raises(ScorerError, match=r"scorer 'str' returned '1' at index 1; expected a float or None"):
+        call_scorer("str", lambda c, **_: [1.0, "1"], ["a", "b"])
+    rewards.take_events()  # NaN/inf is caught: the sample abstains and the event is counted
+    assert call_scorer("nan", lambda c, **_: [float("nan"), float("inf"), 0.5], ["a", "b", "c"]) == [None, None, 0.5]
+    assert rewards.take_events() == {"nan:nonfinite": 2}
     with pytest.raises(ScorerError, match="row field 'answer' must be a list of 2, got 1"):
         call_scorer("math", get_scorer("math"), ["a", "b"], answer=["1"])
     with pytest.raises(ValueError, match=r"Unsupported scorer 'maths'. Supported: \['code', "):
