@@ -9,6 +9,11 @@ from contextlib import contextmanager
 def ray_session(cluster):
     """`cluster.address` None: a private in-process Ray bound to `cluster.host` (127.0.0.1 by default),
     no dashboard. 'auto' or host:port: attach to `ray start --head` or a cluster (`ray job submit`)."""
+    if cluster.address is not None:
+        # Ray 2.60 clusters use token authentication by default; a client attaching must say so too (the
+        # token comes from ~/.ray/auth_token or RAY_AUTH_TOKEN), before Ray reads its config at import.
+        # Set RAY_AUTH_MODE=disabled to opt out.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     if ray.is_initialized():

@@ -22,6 +22,7 @@ class ModelConfig:
     path: Optional[str] = None  # a local HF checkpoint directory
     tiny: Optional[str] = None  # or build a tiny random model of this kind ('dense' | 'moe') in the run dir
     tiny_overrides: dict = field(default_factory=dict)  # HF config fields for the tiny model
+    dsa_top_k: Optional[int] = None  # tiny model with DeepSeek Sparse Attention (reference engine only)
     seed: int = 0
 
 
@@ -38,6 +39,8 @@ class AlgoConfig:
     aggregation: str = "seq_mean_token_mean"
     keep_routing: bool = True
     keep_sampling_mask: bool = True
+    dsa_loss: Optional[str] = None  # DSA models: 'sparse' trains the indexer next to the policy (rl.dsa)
+    dsa_loss_coef: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,8 @@ class DistillConfig:
     epochs: int = 1
     lr: float = 1e-3
     batch_size: int = 32
+    dsa_warmup_steps: int = 0  # DSA: dense warm-up steps (indexer only) before SFT
+    dsa_warmup_lr: float = 1e-3
 
 
 @dataclass(frozen=True)
@@ -225,6 +230,12 @@ def validate(cfg: Config) -> None:
     _check(t.max_staleness >= 0, "trainer.max_staleness", "must be >= 0")
     _check(math.isfinite(t.lr), "trainer.lr", "must be finite")
     _check(d.prompts_per_step >= 1, "data.prompts_per_step", "must be >= 1")
+    if cfg.model.dsa_top_k is not None:
+        _check(cfg.model.dsa_top_k >= 1, "model.dsa_top_k", f"must be >= 1, got {cfg.model.dsa_top_k}")
+        _check(r.engine == "reference", "rollout.engine", "DSA models run on the reference engine (vLLM has no DSA for them)")
+    from rl.dsa import DSA_LOSSES
+
+    _check(a.dsa_loss is None or a.dsa_loss in DSA_LOSSES, "algo.dsa_loss", f"unsupported {a.dsa_loss!r}. Supported: {DSA_LOSSES.names()}")
     _check(cfg.logging.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode", "offline | online | disabled")
     try:
         specs = parse_specs(cfg.rewards or {}, where="rewards")

@@ -54,8 +54,12 @@ def distill(run, learner) -> dict:
         kept.extend(good)
     if not kept:
         raise RuntimeError("distillation kept no sample: check distill.specialists and the reward specs")
-    learner.set_lr(cfg.lr)
     rng, losses = random.Random(0), []
+    for step in range(cfg.dsa_warmup_steps):  # DSA dense warm-up: indexer only, main model frozen
+        kl = learner.dsa_warmup_step(rng.sample(kept, min(cfg.batch_size, len(kept))), cfg.dsa_warmup_lr)
+        metrics.setdefault("distill/dsa_warmup_kl_first", kl)
+        metrics["distill/dsa_warmup_kl_last"] = kl
+    learner.set_lr(cfg.lr)
     for _ in range(cfg.epochs):
         rng.shuffle(kept)
         for s in range(0, len(kept), cfg.batch_size):

@@ -29,6 +29,8 @@ import torch.distributed as dist
 
 from rl import algos
 from rl.batch import TrainBatch, collate, split
+from rl.dsa import DSA_LOSSES, layer_states
+from rollout.dsa import keep_for_loss, maybe_install_dsa
 from rollout.routing import RoutingController
 from rollout.sample import Sample
 from rollout.weights import recover_dir, replace_dir
@@ -57,6 +59,8 @@ class LearnerConfig:
     kl_coefs: dict = field(default_factory=dict)  # domain -> beta; no reference model when all are 0
     seed: int = 0
     collective_timeout_s: float = 300.0  # a rank stuck this long in a collective fails instead of hanging
+    dsa_loss: str | None = None  # DSA models: an rl.dsa.DSA_LOSSES name added to every step ("sparse")
+    dsa_loss_coef: float = 1.0
 
 
 def _free_port() -> int:
@@ -99,7 +103,9 @@ class Learner:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(self.cfg.model, dtype=torch.float32).to(self.device)
+        model = AutoModelForCausalLM.from_pretrained(self.cfg.model, dtype=torch.float32)
+        maybe_install_dsa(model, self.cfg.model)  # before sharding: the indexers shard with their layers
+        model = model.to(self.device)
         model.set_output_embeddings(ChunkedLogprobHead(model.get_output_embeddings()))
         routing = RoutingController(model)  # patch the routers before sharding wraps the layers
         mp = MixedPrecisionPolicy(param_dtype=getattr(torch, self.cfg.param_dtype), reduce_dtype=torch.float32)
@@ -175,6 +181,36 @@ class Learner:
         self.step += 1
         return self._reduce_metrics(sums, grad_norm)
 
+    def dsa_warmup_step(self, samples: list[Sample], lr: float) -> float:
+        """V3.2's dense warm-up: the main model frozen, only the indexers train, with KL to the (dense) main
+        attention. Returns the KL. Uses its own optimiser so the main model's Adam state is untouched."""
+        if not hasattr(self, "_warmup_opt"):
+            idx = [p for n, p in self.model.named_parameters() if ".indexer." in n]
+            if not idx:
+                raise ValueError("dsa_warmup_step: the model has no DSA indexer (model.dsa_top_k not set)")
+            self._warmup_opt = torch.optim.AdamW(idx, lr=lr)
+        batch = collate(samples, use_sampling_mask=False)
+        top_k = [a._dsa_top_k for a in _attention_modules(self.model)]
+        for a in _attention_modules(self.model):  # dense: every causal key selected
+            a._dsa_top_k = 1 << 30
+        keep_for_loss(self.model, True)
+        was_trainable = [p.requires_grad for p in self.model.parameters()]
+        try:
+            for n, p in self.model.named_parameters():
+                p.requires_grad_(".indexer." in n)
+            self.model(input_ids=batch.input_ids.to(self.device), attention_mask=batch.attention_mask.to(self.device), use_cache=False)
+            loss = DSA_LOSSES.get("dense_warmup")(layer_states(self.model), batch.attention_mask.to(self.device) > 0)
+            loss.backward()
+            self._warmup_opt.step()
+            self._warmup_opt.zero_grad(set_to_none=True)
+        finally:
+            for p, g in zip(self.model.parameters(), was_trainable):
+                p.requires_grad_(g)
+            for a, k in zip(_attention_modules(self.model), top_k):
+                a._dsa_top_k = k
+            keep_for_loss(self.model, False)
+        return loss.item()
+
     def zero_grads(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -190,6 +226,8 @@ class Learner:
         self.model.train()
         batch = collate(samples, cfg.kl_coefs, use_sampling_mask=cfg.keep_sampling_mask)
         micro = split(batch, cfg.micro_batch_size)
+        if cfg.dsa_loss:  # the sparse stage: indexer KL on its selected set, its input detached
+            keep_for_loss(self.model, True, detach_indexer_input=cfg.dsa_loss == "sparse")
         # Every rank must run the same number of forwards (FSDP collectives); pad with loss-free copies.
         while len(micro) < totals.get("num_micro", len(micro)):
             micro.append(_without_loss(micro[0]))
@@ -216,6 +254,11 @@ class Learner:
                 with torch.no_grad():  # train-vs-engine mismatch: k3 estimate of KL(pi_old || pi_theta)
                     d = torch.where(mask > 0, logp.detach() - old, torch.zeros_like(old))
                     metrics["mismatch_kl"] = float(((d.exp() - d - 1) * mask).sum() / max(n_tok, 1))
+            if cfg.dsa_loss:
+                idx_loss = DSA_LOSSES.get(cfg.dsa_loss)(layer_states(self.model), mb.attention_mask.to(self.device) > 0)
+                # A per-micro-batch mean: weight it by the micro-batch's share of the step's sequences.
+                loss = loss + cfg.dsa_loss_coef * idx_loss * (mb.input_ids.shape[0] / totals["num_seqs"])
+                metrics["dsa_indexer_kl"] = idx_loss.item()
             (loss * self.world_size).backward()
             metrics["entropy"] = float((ent * mask).sum() / max(n_tok, 1))
             if agreement is not None:
@@ -224,6 +267,8 @@ class Learner:
                 sums[k] = sums.get(k, 0.0) + v * n_tok
             sums["loss"] = sums.get("loss", 0.0) + loss.item()
             sums["_tokens"] = sums.get("_tokens", 0.0) + n_tok
+        if cfg.dsa_loss:
+            keep_for_loss(self.model, False)
         return sums
 
     def _reduce_metrics(self, sums: dict, grad_norm: float) -> dict[str, float]:
@@ -301,6 +346,12 @@ class Learner:
             dist.destroy_process_group()
 
 
+def _attention_modules(model):
+    from rollout.dsa import attention_modules
+
+    return attention_modules(model)
+
+
 def _without_loss(mb: TrainBatch) -> TrainBatch:
     from dataclasses import replace
 
@@ -337,7 +388,7 @@ class ChunkedLogprobHead(torch.nn.Module):
         targets, kept, chunk, temperature = self.request
         logp, self.entropy = algos.token_logprobs(hidden, self.weight, targets, chunk, kept_ids=kept,
                                                   temperature=temperature, return_entropy=True)
-        return logp
+        return logp.clone()  # not a view: FSDP2 hooks the module output for backward
 
 
 def _unwrap_for_save(model):
@@ -410,6 +461,9 @@ class LearnerGroup:
 
     def reset_reference(self) -> None:
         self._all("reset_reference")
+
+    def dsa_warmup_step(self, samples: list[Sample], lr: float) -> float:
+        return self._all("dsa_warmup_step", _PerRank([samples[r :: self.world_size] for r in range(self.world_size)]), lr)[0]
 
     def logprobs(self, samples: list[Sample]) -> list[list[float]]:
         return self._all("logprobs", samples)[0]

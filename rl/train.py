@@ -49,7 +49,8 @@ class Run:
         self.cfg, self.dir = cfg, Path(cfg.trainer.run_dir)
         self.model_path = cfg.model.path or str(self.dir / "model_init")
         if cfg.model.tiny and not (Path(self.model_path) / "config.json").is_file():
-            build_tiny_model(cfg.model.tiny, self.model_path, seed=cfg.model.seed, **cfg.model.tiny_overrides)
+            build_tiny_model(cfg.model.tiny, self.model_path, seed=cfg.model.seed, dsa_top_k=cfg.model.dsa_top_k,
+                             **cfg.model.tiny_overrides)
         self.tok = AutoTokenizer.from_pretrained(self.model_path)
         self.specs = parse_specs(cfg.rewards)
         room = cfg.rollout.max_model_len - cfg.rollout.max_tokens
@@ -85,7 +86,7 @@ class Run:
                              clip_eps=a.clip_eps, clip_eps_high=a.clip_eps_high, kl_estimator=a.kl_estimator,
                              opsm_delta=a.opsm_delta, aggregation=a.aggregation, keep_routing=a.keep_routing,
                              keep_sampling_mask=a.keep_sampling_mask, temperature=self.cfg.rollout.temperature,
-                             kl_coefs=self.betas, seed=t.seed)
+                             kl_coefs=self.betas, seed=t.seed, dsa_loss=a.dsa_loss, dsa_loss_coef=a.dsa_loss_coef)
         return LearnerGroup(lcfg, t.world_size, num_cpus=t.learner_cpus)
 
     def collect(self, stream: PromptStream, step: int) -> Batch:

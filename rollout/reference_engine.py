@@ -23,9 +23,14 @@ from rollout.sampling import process_logits, truncates
 
 
 def load_hf_model(path: str, dtype: str):
+    """A HF causal LM from a local checkpoint, with DSA installed when its config asks for it."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    from rollout.dsa import maybe_install_dsa
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    maybe_install_dsa(model, path)
+    return model
 
 
 @ENGINES.register("reference")

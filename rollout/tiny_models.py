@@ -106,10 +106,12 @@ KINDS = {
 }
 
 
-def build_tiny_model(kind: str, out_dir: str | os.PathLike, seed: int = 0, dtype: str = "float32", **overrides) -> Path:
+def build_tiny_model(kind: str, out_dir: str | os.PathLike, seed: int = 0, dtype: str = "float32",
+                     dsa_top_k: int | None = None, **overrides) -> Path:
     """Write a random-initialised `kind` ('dense' or 'moe') checkpoint + tokenizer to `out_dir`.
 
-    `overrides` go into the HF config (e.g. `num_hidden_layers=4`). Returns the directory.
+    `overrides` go into the HF config (e.g. `num_hidden_layers=4`); `dsa_top_k` adds DeepSeek Sparse
+    Attention (`rollout.dsa`) with that many keys per query. Returns the directory.
     """
     import torch
     import transformers
@@ -124,6 +126,10 @@ def build_tiny_model(kind: str, out_dir: str | os.PathLike, seed: int = 0, dtype
     config.architectures = [model_cls]  # vLLM picks the runner from this (see shared/gpu/README.md)
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).to(getattr(torch, dtype))
+    if dsa_top_k is not None:
+        from rollout.dsa import install_dsa
+
+        install_dsa(model, dsa_top_k)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
