@@ -105,7 +105,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             if need_h:
                 grad_h[s:e] = grad_logits @ weight
             if need_w:
-                grad_w.addmm_(grad_logits.T, h)
+                grad_w += (grad_logits.T @ h).to(grad_w.dtype)  # bf16 matmul, fp32 accumulation
         return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None, None
 
 

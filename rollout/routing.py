@@ -74,9 +74,9 @@ class RoutingController:
     def agreement(self, replayed: torch.Tensor, mask: torch.Tensor | None = None) -> float:
         """Fraction of (position, layer) where the training router's own top-k set equals the replayed set."""
         own = torch.stack(self.own_topk, 1).sort(-1).values  # [N, layers, k]
-        same = (own == replayed.long().sort(-1).values).all(-1).float()  # [N, layers]
+        same = (own == replayed.to(own.device).long().sort(-1).values).all(-1).float()  # [N, layers]
         if mask is not None:
-            m = mask.reshape(-1, 1).float()
+            m = mask.reshape(-1, 1).float().to(own.device)
             return float((same * m).sum() / (m.sum() * same.shape[1]).clamp(min=1))
         return float(same.mean())
 

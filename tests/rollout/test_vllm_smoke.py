@@ -45,3 +45,32 @@ def test_missing_model_path_is_one_clear_line(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(FileNotFoundError, match=r"rollout.engine.model: model path '.*nope' does not exist"):
         VLLMEngine(EngineConfig(model=str(missing)))
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_sampling_mask_from_processed_logprobs(ray_cluster, tiny_dense):
+    """The vLLM < 0.28 path (also forced here on 0.32 CPU): kept sets recovered from the processed log-probs
+    equal the support of our vLLM-matching processing of the transformers logits, token by token."""
+    from rollout.engine import engine_actor
+    from rollout.sampling import process_logits
+
+    cfg = EngineConfig(model=tiny_dense, max_model_len=256, return_sampling_mask=True,
+                       extra={"sampling_mask_source": "logprobs"})
+    actor = engine_actor(num_cpus=1).remote(cfg)
+    sp = SamplingConfig(n=2, temperature=0.9, top_p=0.8, top_k=50, max_tokens=6, seed=0)
+    samples = ray_cluster.get(actor.generate.remote([[5, 6, 7, 8], [50, 60]], sp))
+    ray_cluster.kill(actor)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dense, dtype=torch.float32).eval()
+    checked = 0
+    for s in samples:
+        with torch.no_grad():
+            logits = model(torch.tensor([s.prompt_ids + s.response_ids])).logits[0, len(s.prompt_ids) - 1 : -1]
+        support = torch.isfinite(process_logits(logits, 0.9, 50, 0.8))
+        for t in range(len(s.response_ids)):
+            kept = set(s.kept_ids[s.kept_offsets[t] : s.kept_offsets[t + 1]].tolist())
+            assert kept == set(support[t].nonzero().squeeze(-1).tolist()) and s.response_ids[t] in kept
+            checked += 1
+    assert checked >= 12

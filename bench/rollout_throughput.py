@@ -3,7 +3,7 @@ same tiny model, prompts and sampling settings, in one run. Prints generated tok
 
 Mode: vLLM in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) on CPU, fp32, enforce_eager, 2 cores.
 
-    python bench/rollout.py [--kind moe|dense] [--prompts 64] [--n 8] [--max-tokens 64]
+    python bench/rollout_throughput.py [--kind moe|dense] [--prompts 64] [--n 8] [--max-tokens 64]
 """
 from __future__ import annotations
 
