@@ -1,0 +1,116 @@
+"""Learner training-step throughput and peak memory: ours vs TRL's GRPOTrainer, same model, same batch.
+
+Both compute the GRPO loss with the engine's log-probs as pi_old and back-propagate (forward + backward, no
+optimiser step), on the same prompts/completions/advantages. Ours: `rl.learner.Learner` (FSDP2, world
+size 1, gloo, chunked log-probs). TRL: `GRPOTrainer._compute_loss` (its fused LM head log-probs). Each
+variant runs in a fresh process; peak memory = peak RSS minus RSS after the model is loaded. CPU, fp32.
+
+    pip install trl==1.16.0   # bench-only dependency
+    python bench/learner_vs_trl.py [--models dense0.4b,tiny_moe] [--batch 4] [--prompt-len 64] [--completion-len 128]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+SHAPES = {"dense0.4b": ("dense", dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                                      num_key_value_heads=8, head_dim=64)),
+          "tiny_moe": ("moe", {})}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _batch(B: int, P: int, C: int, vocab: int):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(10, vocab, (B, P), generator=g)
+    completion = torch.randint(10, vocab, (B, C), generator=g)
+    old = -torch.rand(B, C, generator=g) * 5
+    adv = torch.randn(B, generator=g)
+    return prompt, completion, old, adv
+
+
+def run(variant: str, model_dir: str, B: int, P: int, C: int, reps: int) -> dict:
+    import torch
+
+    vocab = json.load(open(os.path.join(model_dir, "config.json")))["vocab_size"]
+    prompt, completion, old, adv = _batch(B, P, C, vocab)
+    if variant == "ours":
+        from rl.learner import Learner, LearnerConfig, step_totals
+        from rollout.sample import Sample, Status
+
+        learner = Learner(LearnerConfig(model=model_dir, micro_batch_size=B, keep_routing=False))
+        samples = [Sample(prompt_ids=prompt[b].tolist(), response_ids=completion[b].tolist(), logprobs=old[b].tolist(),
+                          loss_mask=[1] * C, status=Status.COMPLETED, advantage=float(adv[b])) for b in range(B)]
+        totals = step_totals(samples, 1, B)
+        step = lambda: (learner.accumulate_grads(samples, totals), learner.zero_grads())  # noqa: E731
+    else:
+        from datasets import Dataset
+        from trl import GRPOConfig, GRPOTrainer
+
+        args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=B, num_generations=B, beta=0.0,
+                          use_cpu=True, bf16=False, report_to=[], max_completion_length=C, logging_steps=1000)
+        trainer = GRPOTrainer(model=model_dir, reward_funcs=[lambda completions, **k: [0.0] * len(completions)],
+                              args=args, train_dataset=Dataset.from_list([{"prompt": "x"}] * B))
+        model = trainer.model
+        inputs = {"prompt_ids": prompt, "prompt_mask": torch.ones_like(prompt), "completion_ids": completion,
+                  "completion_mask": torch.ones_like(completion), "advantages": adv, "old_per_token_logps": old}
+
+        def step():
+            trainer._compute_loss(model, inputs).backward()
+            model.zero_grad(set_to_none=True)
+    step()  # warm-up
+    base = _rss_mb()
+    resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        step()
+    dt = (time.perf_counter() - t0) / reps
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    return {"tokens_per_s": B * (P + C) / dt, "seconds": dt, "peak_extra_mb": peak}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="dense0.4b,tiny_moe")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--completion-len", type=int, default=128)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.one:
+        print(json.dumps(run(a.one[0], a.one[1], a.batch, a.prompt_len, a.completion_len, a.reps)))
+        return
+    from rollout.tiny_models import build_tiny_model
+
+    print(f"B={a.batch} prompt={a.prompt_len} completion={a.completion_len}, fp32 CPU, fwd+bwd of the GRPO loss")
+    for name in a.models.split(","):
+        kind, shape = SHAPES[name]
+        model_dir = str(build_tiny_model(kind, tempfile.mkdtemp(prefix="bench-trl-"), seed=0, **shape))
+        res = {}
+        for variant in ("trl", "ours"):
+            cmd = [sys.executable, __file__, "--one", variant, model_dir, "--batch", str(a.batch), "--prompt-len",
+                   str(a.prompt_len), "--completion-len", str(a.completion_len), "--reps", str(a.reps)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                raise SystemExit(f"{variant} failed:\n{out.stderr[-3000:]}")
+            res[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+            r = res[variant]
+            print(f"  {name:10s} {variant:4s}: {r['tokens_per_s']:8.1f} tok/s, peak extra {r['peak_extra_mb']:7.0f} MB")
+        print(f"  {name:10s} ratios ours/TRL: tokens/s {res['ours']['tokens_per_s'] / res['trl']['tokens_per_s']:.2f}x "
+              f"(target >= 1.5x), peak memory {res['ours']['peak_extra_mb'] / max(res['trl']['peak_extra_mb'], 1):.2f}x (target <= 0.5x)")
+
+
+if __name__ == "__main__":
+    main()
