@@ -58,13 +58,14 @@ def run(variant: str, model_dir: str, B: int, P: int, C: int, reps: int) -> dict
         from datasets import Dataset
         from trl import GRPOConfig, GRPOTrainer
 
-        args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=B, num_generations=B, beta=0.0,
+        args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=B, num_generations=B, beta=0.0, loss_type="grpo",
                           use_cpu=True, bf16=False, report_to=[], max_completion_length=C, logging_steps=1000)
         trainer = GRPOTrainer(model=model_dir, reward_funcs=[lambda completions, **k: [0.0] * len(completions)],
                               args=args, train_dataset=Dataset.from_list([{"prompt": "x"}] * B))
         model = trainer.model
         inputs = {"prompt_ids": prompt, "prompt_mask": torch.ones_like(prompt), "completion_ids": completion,
-                  "completion_mask": torch.ones_like(completion), "advantages": adv, "old_per_token_logps": old}
+                  "completion_mask": torch.ones_like(completion), "advantages": adv, "old_per_token_logps": old,
+                  "num_items_in_batch": torch.tensor(float(B * C))}
 
         def step():
             trainer._compute_loss(model, inputs).backward()

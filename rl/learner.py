@@ -1,4 +1,6 @@
 """The learner: a HF causal LM sharded with FSDP2 over torch.distributed (gloo on CPU, NCCL on GPU).
+A single fp32 rank skips the sharding (nothing to shard; FSDP2 would only copy parameters back and forth);
+several ranks, or bf16 mixed precision, use FSDP2.
 
 One `Learner` per rank; `LearnerGroup` runs them as Ray actors. A step gets the whole step's samples,
 each rank trains on its slice in micro-batches, and the loss of every micro-batch is normalised by the
@@ -108,10 +110,13 @@ class Learner:
         model = model.to(self.device)
         model.set_output_embeddings(ChunkedLogprobHead(model.get_output_embeddings()))
         routing = RoutingController(model)  # patch the routers before sharding wraps the layers
-        mp = MixedPrecisionPolicy(param_dtype=getattr(torch, self.cfg.param_dtype), reduce_dtype=torch.float32)
-        for layer in _decoder_layers(model):
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+        # One fp32 rank has nothing to shard: FSDP2 would only copy every parameter into unsharded
+        # buffers at each forward and backward (measured: 0.75x TRL's tokens/s on a 0.4B model with it).
+        if self.world_size > 1 or self.cfg.param_dtype != "float32":
+            mp = MixedPrecisionPolicy(param_dtype=getattr(torch, self.cfg.param_dtype), reduce_dtype=torch.float32)
+            for layer in _decoder_layers(model):
+                fully_shard(layer, mp_policy=mp)
+            fully_shard(model, mp_policy=mp)
         if not trainable:
             model.eval().requires_grad_(False)
         else:
