@@ -1,4 +1,4 @@
-"""A vLLM engine behind a plain class, run as a Ray actor with `ray.remote(VLLMEngine)` (see `engine_actor`).
+"""A vLLM engine behind a plain class; `rollout.engine.engine_actor` runs it (or any engine) as a Ray actor.
 
 Token ids in, `Sample` records out. The returned per-token log-probs are vLLM's `processed_logprobs`:
 the log-probability of the sampled token under the distribution the sampler actually drew from (after
@@ -6,16 +6,18 @@ temperature, top-k and top-p), i.e. pi_old of the V3.2 ratio. vLLM's default (`r
 the untempered, untruncated model distribution, which is the wrong denominator as soon as temperature != 1
 or top-p < 1.
 
-Not covered here (see the rollout issue): routed-expert and sampling-mask capture through vLLM need its
-GPU (Triton) model runner; on CPU use the reference engine.
+Routed experts and native sampling masks need vLLM's GPU (Triton) model runner; on CPU use the reference
+engine. vLLM < 0.28 has no sampling masks at all: they are then derived from full-vocabulary processed
+log-probs (validated on an H200 with vLLM 0.26, see bench/README.md).
 """
 from __future__ import annotations
 
 import gc
 import os
-from rollout.engine import ENGINES, EngineConfig, SamplingConfig, check_model_dir
+
 import numpy as np
 
+from rollout.engine import ENGINES, EngineConfig, SamplingConfig, check_model_dir
 from rollout.sample import Sample, Status, kept_lists_to_csr
 
 # Defaults that make vLLM usable on a small CPU machine; an explicit environment value wins.

@@ -47,6 +47,15 @@ def test_quickstart_pipeline_runs_and_resumes(tmp_path):
     res, rows = _train(run, "trainer.steps=3")
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
 
+    # `python -m rl.eval` evaluates the exported checkpoint with the same scorers.
+    res = subprocess.run([sys.executable, "-m", "rl.eval", "--checkpoint", str(run / "final_model"), "--config-name",
+                          "quickstart", "eval.max_prompts=6", "eval.k=2", "logging.wandb=false"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = dict(l.split() for l in res.stdout.splitlines() if l.startswith("eval/"))
+    assert {"eval/math/greedy_acc", "eval/math/pass@2", "eval/math/maj@2"} <= set(lines)
+    assert all(0.0 <= float(v) <= 1.0 for k, v in lines.items() if "length" not in k)
+
     # No secret from the environment reaches the run dir (configs, logs, W&B files, checkpoints).
     leaked = [str(p) for p in run.rglob("*") if p.is_file() and FAKE_KEY.encode() in p.read_bytes()]
     assert not leaked, leaked
