@@ -62,11 +62,28 @@ def test_kill_9_and_resume_equals_uninterrupted(tmp_path, kill_after_step):
     subprocess.run(_cmd(run, steps), cwd=ROOT, check=True, capture_output=True, timeout=600)
 
     got, want = _train_metrics(run), _train_metrics(ref)
-    assert sorted(got) == list(range(1, steps + 1))
+    trained = [r["step"] for r in _rows(run) if "train/loss" in r]
+    assert trained == list(range(1, steps + 1)), f"steps logged twice or missing: {trained}"
+    assert [r["step"] for r in _rows(run, "consumed.jsonl")] == list(range(1, steps + 1))
     for step in range(1, steps + 1):
         assert got[step] == want[step], f"step {step} differs after resume"
     consumed = lambda d: Counter(p for r in _rows(d, "consumed.jsonl") for p in r["prompts"])  # noqa: E731
     assert consumed(run) == consumed(ref), "prompts replayed or skipped"
+
+
+def test_resumed_tracker_drops_rows_after_the_checkpoint(tmp_path):
+    """A run killed after logging step 3 but before checkpointing it: on resume from step 2, the rows of
+    step 3 go (that step runs again), so metrics and consumed prompts are logged once per step."""
+    from rl.tracking import Tracker
+
+    cfg = load_config(["logging.wandb=false"])
+    for name in ("metrics.jsonl", "consumed.jsonl"):
+        (tmp_path / name).write_text("".join(json.dumps({"step": s, "x": s}) + "\n" for s in (0, 1, 2, 3)))
+    t = Tracker(str(tmp_path), cfg, resume_step=2)
+    assert [h["step"] for h in t.history] == [0, 1, 2]
+    assert [r["step"] for r in _rows(tmp_path, "consumed.jsonl")] == [0, 1, 2]
+    Tracker(str(tmp_path), cfg, resume_step=None)  # a fresh run starts empty
+    assert _rows(tmp_path) == [] and _rows(tmp_path, "consumed.jsonl") == []
 
 
 def test_crash_during_checkpoint_write_keeps_previous(tiny_dense, tmp_path, monkeypatch):
