@@ -18,6 +18,7 @@ Not covered: tensor/pipeline/expert parallelism, sequence packing, CPU offload o
 from __future__ import annotations
 
 import datetime
+from contextlib import nullcontext
 import math
 import os
 import random
@@ -32,7 +33,7 @@ import torch.distributed as dist
 from rl import algos
 from rl.batch import TrainBatch, collate, split
 from rl.dsa import DSA_LOSSES, layer_states
-from rollout.dsa import keep_for_loss, maybe_install_dsa
+from rollout.dsa import attention_modules, keep_for_loss, maybe_install_dsa
 from rollout.routing import RoutingController
 from rollout.sample import Sample
 from rollout.weights import recover_dir, replace_dir
@@ -137,7 +138,7 @@ class Learner:
         try:
             # Replay forces the engine's experts; without replay the router's own choice is captured so
             # the train/infer routing agreement is still measured.
-            ctx = routing.replay(routed.to(self.device)) if replaying else routing.capture() if recorded else _null()
+            ctx = routing.replay(routed.to(self.device)) if replaying else routing.capture() if recorded else nullcontext()
             with ctx:
                 logp = model(input_ids=ids, attention_mask=attn, use_cache=False).logits  # [B, T] via the head
             agreement = None
@@ -195,8 +196,8 @@ class Learner:
                 raise ValueError("dsa_warmup_step: the model has no DSA indexer (model.dsa_top_k not set)")
             self._warmup_opt = torch.optim.AdamW(idx, lr=lr)
         batch = collate(samples, use_sampling_mask=False)
-        top_k = [a._dsa_top_k for a in _attention_modules(self.model)]
-        for a in _attention_modules(self.model):  # dense: every causal key selected
+        top_k = [a._dsa_top_k for a in attention_modules(self.model)]
+        for a in attention_modules(self.model):  # dense: every causal key selected
             a._dsa_top_k = 1 << 30
         keep_for_loss(self.model, True)
         was_trainable = [p.requires_grad for p in self.model.parameters()]
@@ -211,7 +212,7 @@ class Learner:
         finally:
             for p, g in zip(self.model.parameters(), was_trainable):
                 p.requires_grad_(g)
-            for a, k in zip(_attention_modules(self.model), top_k):
+            for a, k in zip(attention_modules(self.model), top_k):
                 a._dsa_top_k = k
             keep_for_loss(self.model, False)
         return loss.item()
@@ -300,8 +301,8 @@ class Learner:
 
         sd = self.full_state_dict()
         path = None
-        if self.rank == 0:
-            path = str(export_hf_checkpoint(_unwrap_for_save(self.model), out_dir, self.cfg.model, bucket_mb, state_dict=sd))
+        if self.rank == 0:  # FSDP2 keeps the HF class (as a subclass): save_pretrained works with the full dict
+            path = str(export_hf_checkpoint(self.model, out_dir, self.cfg.model, bucket_mb, state_dict=sd))
         if version is not None:
             self.policy_version = version
         if dist.is_initialized():
@@ -351,24 +352,10 @@ class Learner:
             dist.destroy_process_group()
 
 
-def _attention_modules(model):
-    from rollout.dsa import attention_modules
-
-    return attention_modules(model)
-
-
 def _without_loss(mb: TrainBatch) -> TrainBatch:
     from dataclasses import replace
 
     return replace(mb, loss_mask=torch.zeros_like(mb.loss_mask))
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def _decoder_layers(model) -> list[torch.nn.Module]:
@@ -394,10 +381,6 @@ class ChunkedLogprobHead(torch.nn.Module):
         logp, self.entropy = algos.token_logprobs(hidden, self.weight, targets, chunk, kept_ids=kept,
                                                   temperature=temperature, return_entropy=True)
         return logp.clone()  # not a view: FSDP2 hooks the module output for backward
-
-
-def _unwrap_for_save(model):
-    return model  # FSDP2 keeps the HF class (as a subclass), so save_pretrained works with a full state dict
 
 
 def _rng_state() -> dict:
