@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # Row fields a scorer cannot work without.
-REQUIRED_FIELDS = {"math": ("answer",), "exact": ("answer",), "code": ("tests",), "rubric": ("rubric",)}
+REQUIRED_FIELDS = {"math": ("answer",), "exact": ("answer",), "code": ("tests",), "rubric": ("rubric",), "verifier": ("verifier",)}
 
 
 class DataError(ValueError):
@@ -75,6 +75,15 @@ def row_problem(row: dict, specs: dict) -> str | None:
     domain = row.get("domain")
     if domain not in specs:
         return f"domain {domain!r} has no reward spec (rewards: {sorted(specs)})"
+    tools = row.get("tools")
+    if tools is not None:
+        from rollout.agent import TOOLS
+
+        if not isinstance(tools, list) or not all(isinstance(t, str) for t in tools):
+            return "'tools' must be a list of tool names"
+        unknown = [t for t in tools if t not in TOOLS]
+        if unknown:
+            return f"unknown tool {unknown[0]!r} (registered: {TOOLS.names()})"
     for dim in specs[domain].dimensions:
         for key in REQUIRED_FIELDS.get(dim.scorer, ()):
             if row.get(key) in (None, "", []):
@@ -83,12 +92,16 @@ def row_problem(row: dict, specs: dict) -> str | None:
 
 
 def encode_prompt(tokenizer, row: dict, system_prompt: str | None = None) -> list[int]:
+    """The row's prompt through the chat template; a row's `tools` (names in `rollout.agent.TOOLS`) are
+    listed in the system turn as the template renders them."""
+    from rollout.agent import TOOLS
     from rollout.chat import encode_chat
 
     msgs = [{"role": "user", "content": row["prompt"]}] if isinstance(row["prompt"], str) else list(row["prompt"])
     if system_prompt and msgs[0]["role"] != "system":
         msgs = [{"role": "system", "content": system_prompt}] + msgs
-    return encode_chat(tokenizer, msgs)
+    tools = [TOOLS.get(t).spec() for t in row["tools"]] if row.get("tools") else None
+    return encode_chat(tokenizer, msgs, tools=tools)
 
 
 def load_prompts(path: str, tokenizer, specs: dict, max_prompt_tokens: int, skip_bad_rows: bool,

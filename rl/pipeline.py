@@ -8,18 +8,47 @@ import torch
 
 from rl.algos import compute_advantages
 from rl.data import Prompt
+from rollout.agent import final_turn_ids
 from rollout.engine import SamplingConfig
 from rollout.sample import Sample, Status
 
 
-def generate(engines, prompts: list[Prompt], sampling: SamplingConfig) -> tuple[list[Sample], dict]:
-    """n samples per prompt, each tagged with its prompt's domain and row."""
-    samples, stats = engines.generate([p.prompt_ids for p in prompts], sampling)
-    for s in samples:
-        p = prompts[s.prompt_index]
-        s.domain, s.metadata = p.row["domain"], p.row
-    return samples, {"rollout/chunks": stats.chunks, "rollout/engine_restarts": stats.restarts,
-                     "rollout/aborted": stats.aborted_samples}
+def generate(engines, prompts: list[Prompt], sampling: SamplingConfig, agent=None) -> tuple[list[Sample], dict]:
+    """n samples per prompt, each tagged with its prompt's domain and row. Prompts of `agent.domains`
+    (an `rollout.agent.AgentRunner`) run as tool-use episodes on the same engines."""
+    tool_idx = [i for i, p in enumerate(prompts) if agent is not None and p.row["domain"] in agent.domains]
+    plain_idx = [i for i in range(len(prompts)) if i not in set(tool_idx)]
+    samples, metrics = [], {"rollout/chunks": 0, "rollout/engine_restarts": 0, "rollout/aborted": 0}
+
+    def call(ids, sp):
+        out, stats = engines.generate(ids, sp)
+        metrics["rollout/chunks"] += stats.chunks
+        metrics["rollout/engine_restarts"] += stats.restarts
+        metrics["rollout/aborted"] += stats.aborted_samples
+        return out
+
+    for idx, run in ((plain_idx, call), (tool_idx, lambda ids, sp: agent.run(call, ids, sp))):
+        if not idx:
+            continue
+        for s in run([prompts[i].prompt_ids for i in idx], sampling):
+            s.prompt_index = idx[s.prompt_index]
+            p = prompts[s.prompt_index]
+            for x in (*s.segments, s):
+                x.prompt_index, x.domain, x.metadata = s.prompt_index, p.row["domain"], p.row
+            samples.append(s)
+    samples.sort(key=lambda s: s.prompt_index)
+    if tool_idx:
+        metrics.update(agent_metrics([s for s in samples if s.tool_stats]))
+    return samples, metrics
+
+
+def agent_metrics(samples: list[Sample]) -> dict:
+    """Per-episode means of the tool-use counters; context-management firings as totals per step."""
+    keys = sorted({k for s in samples for k in s.tool_stats})
+    out = {f"agent/{k}": sum(s.tool_stats.get(k, 0) for s in samples) for k in keys if k.startswith("context/")}
+    out.update({f"agent/{k}": sum(s.tool_stats.get(k, 0) for s in samples) / len(samples)
+                for k in keys if not k.startswith("context/")})
+    return out
 
 
 def score(samples: list[Sample], specs: dict, pool, tokenizer) -> dict:
@@ -27,7 +56,9 @@ def score(samples: list[Sample], specs: dict, pool, tokenizer) -> dict:
     by_domain: dict[str, list[Sample]] = defaultdict(list)
     for s in samples:
         if s.status in (Status.COMPLETED, Status.TRUNCATED):
-            s.text = tokenizer.decode(s.response_ids, skip_special_tokens=True)
+            # An episode is judged by its final turn (the answer); its tool turns are in the same tokens.
+            ids = final_turn_ids(s) if s.tool_stats else s.response_ids
+            s.text = tokenizer.decode(ids, skip_special_tokens=True)
             by_domain[s.domain].append(s)
     for domain, group in by_domain.items():
         spec = specs[domain]
@@ -84,6 +115,12 @@ def assign_advantages(samples: list[Sample], num_prompts: int, n: int, name: str
 
 
 def trainable(samples: list[Sample]) -> list[Sample]:
-    """What enters the loss: generated, scored samples (abstained and failed ones are counted, not trained)."""
-    return [s for s in samples if s.status in (Status.COMPLETED, Status.TRUNCATED) and s.reward is not None
-            and len(s.response_ids) > 0]
+    """What enters the loss: generated, scored samples (abstained and failed ones are counted, not trained),
+    each preceded by its episode's earlier segments, which take its reward and advantage."""
+    out = []
+    for s in samples:
+        if s.status in (Status.COMPLETED, Status.TRUNCATED) and s.reward is not None and len(s.response_ids) > 0:
+            for seg in s.segments:
+                seg.reward, seg.advantage = s.reward, s.advantage
+            out += [seg for seg in s.segments if seg.response_ids] + [s]
+    return out

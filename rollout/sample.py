@@ -48,6 +48,10 @@ class Sample:
     reward: float | None = None  # the weighted scalar used for the advantage; None = abstained
     advantage: float = 0.0
     text: str | None = None  # decoded response, filled for scoring
+    # Tool-use episodes (rollout.agent): earlier training segments of the same episode (closed by context
+    # management; they share this sample's reward and advantage) and the episode's counters.
+    segments: list["Sample"] = field(default_factory=list)
+    tool_stats: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_response_tokens(self) -> int:
