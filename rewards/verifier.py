@@ -13,6 +13,8 @@ from rewards.sandbox import SandboxLimits, run_python
 
 _HARNESS = '''
 import json as _json, sys as _sys
+if not callable(globals().get("verify")):
+    raise SystemExit("the verifier defines no verify(answer) function")
 _out = []
 for _a in _json.loads(_sys.stdin.read()):
     try:

@@ -81,6 +81,21 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class AgentConfig:
+    """Tool-use episodes (rollout.agent) for the prompts of `domains`."""
+
+    domains: list = field(default_factory=list)  # data domains whose prompts run as tool-use episodes
+    docs: Optional[str] = None  # document root of the search / read_file tools
+    max_turns: int = 4  # model turns per episode
+    max_context: Optional[int] = None  # context budget in tokens; None = rollout.max_model_len
+    context_trigger: float = 0.8  # context management fires at this fraction of max_context
+    context_strategy: str = "none"  # none | summary | discard_75 | discard_all | parallel_fewest_steps
+    parallel: int = 4  # parallel_fewest_steps: candidates per episode
+    summary_tokens: int = 64
+    tool_context: dict = field(default_factory=dict)  # tool -> fixed arguments, e.g. {python: {timeout_s: 5}}
+
+
+@dataclass(frozen=True)
 class TrainerConfig:
     steps: int = 10
     lr: float = 1e-5
@@ -131,6 +146,7 @@ class Config:
     rewards: Any = MISSING  # domain -> reward spec (rewards.spec); validated by rewards.parse_specs
     data: DataConfig = field(default_factory=DataConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -242,6 +258,41 @@ def validate(cfg: Config) -> None:
     except SpecError as exc:
         raise ConfigError(str(exc)) from None
     _check(bool(specs), "rewards", "at least one domain's reward spec is required")
+    validate_agent(cfg, specs)
+
+
+def validate_agent(cfg: Config, specs: dict) -> None:
+    from rollout.agent import CONTEXT_STRATEGIES, TOOLS
+
+    g = cfg.agent
+    for dom in g.domains:
+        _check(dom in specs, "agent.domains", f"domain {dom!r} has no reward spec (rewards: {sorted(specs)})")
+    strategies = ["none", "parallel_fewest_steps", *CONTEXT_STRATEGIES.names()]
+    _check(g.context_strategy in strategies, "agent.context_strategy", f"unsupported {g.context_strategy!r}. Supported: {strategies}")
+    _check(0 < g.context_trigger <= 1, "agent.context_trigger", f"must be in (0, 1], got {g.context_trigger}")
+    _check(g.max_turns >= 1 and g.parallel >= 1 and g.summary_tokens >= 8, "agent",
+           "max_turns >= 1, parallel >= 1 and summary_tokens >= 8 are required")
+    _check(g.max_context is None or 0 < g.max_context <= cfg.rollout.max_model_len, "agent.max_context",
+           f"must be in (0, rollout.max_model_len={cfg.rollout.max_model_len}], got {g.max_context}")
+    _check(g.docs is None or Path(g.docs).is_dir(), "agent.docs", f"'{g.docs}' is not a directory")
+    for tool in g.tool_context:
+        _check(tool in TOOLS, f"agent.tool_context.{tool}", f"unknown tool. Registered: {TOOLS.names()}")
+
+
+def agent_runner(cfg: Config, tokenizer):
+    """The tool-use runner for `agent.domains` (None when there are none)."""
+    from rollout.agent import AgentRunner, EpisodeConfig
+
+    g = cfg.agent
+    if not g.domains:
+        return None
+    tools = {"search": {"root": g.docs}, "read_file": {"root": g.docs}} if g.docs else {}
+    for tool, kw in g.tool_context.items():
+        tools[tool] = {**tools.get(tool, {}), **kw}
+    ecfg = EpisodeConfig(max_turns=g.max_turns, max_context=g.max_context or cfg.rollout.max_model_len,
+                         trigger=g.context_trigger, strategy=g.context_strategy, parallel=g.parallel,
+                         summary_tokens=g.summary_tokens, tool_context=tools)
+    return AgentRunner(tokenizer, ecfg, tuple(g.domains))
 
 
 def domain_betas(cfg: Config, domains) -> dict[str, float]:

@@ -30,11 +30,11 @@ def _final_answer(text: str | None) -> str:
 
 
 def evaluate(engines, prompts: list[Prompt], specs: dict, pool, tokenizer, k: int, temperature: float,
-             max_tokens: int, seed: int = 0) -> dict[str, float]:
+             max_tokens: int, seed: int = 0, agent=None) -> dict[str, float]:
     out: dict[str, float] = {}
-    greedy, _ = pipeline.generate(engines, prompts, SamplingConfig(n=1, temperature=0.0, max_tokens=max_tokens))
+    greedy, _ = pipeline.generate(engines, prompts, SamplingConfig(n=1, temperature=0.0, max_tokens=max_tokens), agent)
     pipeline.score(greedy, specs, pool, tokenizer)
-    sampled, _ = pipeline.generate(engines, prompts, SamplingConfig(n=k, temperature=temperature, max_tokens=max_tokens, seed=seed))
+    sampled, _ = pipeline.generate(engines, prompts, SamplingConfig(n=k, temperature=temperature, max_tokens=max_tokens, seed=seed), agent)
     pipeline.score(sampled, specs, pool, tokenizer)
     groups = defaultdict(list)
     for s in sampled:
@@ -48,6 +48,8 @@ def evaluate(engines, prompts: list[Prompt], specs: dict, pool, tokenizer, k: in
         lang = [s.rewards.get("language") for s in g if s.rewards and s.rewards.get("language") is not None]
         if lang:
             out[f"eval/{domain}/language_consistency"] = sum(lang) / len(lang)
+        if any(s.tool_stats for s in g):
+            out[f"eval/{domain}/tool_calls"] = sum(s.tool_stats.get("tool_calls", 0) for s in g) / len(g)
         idx = [s.prompt_index for s in g]
         out[f"eval/{domain}/pass@{k}"] = sum(any(_correct(s, spec) for s in groups[i]) for i in idx) / len(idx)
         maj = 0

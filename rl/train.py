@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rl import pipeline
 from rl.cluster import ray_session
-from rl.config import Config, ConfigError, domain_betas, load_config
+from rl.config import Config, ConfigError, agent_runner, domain_betas, load_config
 from rl.data import DataError, PromptStream, load_prompts
 from rl.learner import LearnerFailure
 from rollout.manager import StaleWeightsError
@@ -59,6 +59,7 @@ class Run:
         self.eval_prompts = load(cfg.data.eval)[0][: cfg.eval.max_prompts] if cfg.data.eval else []
         self.pool = ScoringPool(timeout_s=30.0)
         self.betas = domain_betas(cfg, self.specs)
+        self.agent = agent_runner(cfg, self.tok)  # tool-use episodes for cfg.agent.domains
         self.ckpt = self.dir / "checkpoints" / "latest"
         self._engines = None
 
@@ -94,7 +95,7 @@ class Run:
         t0, r = time.time(), self.cfg.rollout
         prompts = stream.next(self.cfg.data.prompts_per_step)
         sampling_cfg = _sampling(r, seed=self.cfg.trainer.seed * 100_003 + step)
-        samples, gen = pipeline.generate(self.engines(), prompts, sampling_cfg)
+        samples, gen = pipeline.generate(self.engines(), prompts, sampling_cfg, self.agent)
         t1 = time.time()
         rew = pipeline.score(samples, self.specs, self.pool, self.tok)
         adv = pipeline.assign_advantages(samples, len(prompts), r.n, self.cfg.algo.advantage)
@@ -121,7 +122,7 @@ class Run:
             return {}
         e = self.cfg.eval
         return evaluate(engines, self.eval_prompts, self.specs, self.pool, self.tok, e.k, e.temperature,
-                        self.cfg.rollout.max_tokens, seed=self.cfg.trainer.seed)
+                        self.cfg.rollout.max_tokens, seed=self.cfg.trainer.seed, agent=self.agent)
 
     def save(self, learner, step: int, position: dict) -> None:
         learner.save_checkpoint(str(self.ckpt), {"step": step, "data_position": position})

@@ -42,6 +42,10 @@ def test_every_group_option_composes(group, option, tiny_dense):
         (["model=local"], r"^model: set exactly one of model.path and model.tiny"),
         (["rollout.engine=sglang"], r"^rollout.engine: unsupported 'sglang'"),
         (["model.path=/nonexistent", "model.tiny=null"], r"^model.path: '/nonexistent' is not a HF checkpoint directory"),
+        (["agent.domains=[poetry]"], r"^agent.domains: domain 'poetry' has no reward spec"),
+        (["agent.context_strategy=forget"], r"^agent.context_strategy: unsupported 'forget'. Supported: \['none', 'parallel_fewest_steps', 'discard_75', 'discard_all', 'summary'\]"),
+        (["agent.max_context=100000"], r"^agent.max_context: must be in \(0, rollout.max_model_len=512\]"),
+        (["agent.tool_context={shell: {}}"], r"^agent.tool_context.shell: unknown tool"),
     ],
 )
 def test_bad_config_names_the_key(overrides, message):

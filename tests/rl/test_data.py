@@ -35,6 +35,7 @@ GOOD = {"prompt": "What is 1 + 1?", "domain": "math", "answer": "2"}
         ({"prompt": "x", "domain": "poetry"}, "domain 'poetry' has no reward spec"),
         ({"prompt": "x", "domain": "math"}, "missing 'answer' needed by the math scorer of domain 'math'"),
         ({"prompt": "word " * 300, "domain": "math", "answer": "2"}, "more than the 64 that fit the context"),
+        ({"prompt": "x", "domain": "math", "answer": "2", "tools": ["shell"]}, "unknown tool 'shell'"),
     ],
 )
 def test_bad_row_names_file_and_row(tmp_path, tok, bad, reason):
@@ -78,3 +79,11 @@ def test_stream_resume_is_exact(tmp_path, tok):
     rest = [p.row["answer"] for _ in range(3) for p in b.next(3)]
     assert first + rest == seen
     assert sorted(seen[:7]) == sorted(str(i) for i in range(7))  # each epoch is a permutation
+
+
+def test_rows_with_tools_list_them_in_the_system_turn(tmp_path, tok):
+    path = _write(tmp_path / "d.jsonl", [{**GOOD, "tools": ["python"]}, GOOD])
+    (with_tools, plain), _ = load_prompts(path, tok, SPECS, 512, skip_bad_rows=False)
+    text = tok.decode(with_tools.prompt_ids)
+    assert text.startswith("<|im_start|>system\n# Tools\n<tools>\n") and '"name": "python"' in text
+    assert with_tools.prompt_ids[-len(plain.prompt_ids):] == plain.prompt_ids  # the same user turn after it
