@@ -44,8 +44,14 @@ def specialist_samples(run, domain: str, specialist: str, prompts) -> list[Sampl
         missing = [p.source for p in prompts if not p.row.get("solution")]
         if missing:
             raise RuntimeError(f"distill.specialists.{domain}=rule needs each row's reference 'solution' turns; missing at {missing[0]}")
+        from dataclasses import replace
+
+        from rollout.agent import AgentRunner
+
         oracle = ScriptedPolicy(run.tok, oracle_script({p.row["prompt"]: p.row["solution"] for p in prompts}))
-        return pipeline.generate(_Direct(oracle), prompts, SamplingConfig(n=1, max_tokens=r.max_tokens), agent)[0]
+        # Demonstrations are the clean solution: the whole context, no context management.
+        plain = AgentRunner(run.tok, replace(agent.cfg, strategy="none", max_context=r.max_model_len), agent.domains)
+        return pipeline.generate(_Direct(oracle), prompts, SamplingConfig(n=1, max_tokens=r.max_tokens), plain)[0]
     from rollout.engine import EngineConfig
     from rollout.manager import RolloutManager
 
