@@ -96,6 +96,27 @@ class VLLMEngine:
             self.llm.reset_prefix_cache()
         self.policy_version = version
 
+    def update_weights_from_ipc(self, handles: list, version: int) -> None:
+        """GPU, learner on the same GPU: load tensors shared by CUDA IPC (`rollout.weight_transfer`)."""
+        from rollout.weight_transfer import load_from_ipc
+
+        self.llm.collective_rpc(load_from_ipc, args=(handles,))
+        self.llm.reset_prefix_cache()
+        self.policy_version = version
+
+    def init_weight_group(self, host: str, port: int) -> None:
+        """GPU, learner on another GPU: join its NCCL weight group (the learner calls NcclWeightSender)."""
+        from rollout.weight_transfer import init_nccl_receiver
+
+        self.llm.collective_rpc(init_nccl_receiver, args=(host, port))
+
+    def update_weights_from_nccl(self, metas: list, version: int) -> None:
+        from rollout.weight_transfer import load_from_nccl
+
+        self.llm.collective_rpc(load_from_nccl, args=(metas,))
+        self.llm.reset_prefix_cache()
+        self.policy_version = version
+
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, prompt_offset: int = 0) -> list[Sample]:
         """n samples for each prompt; sample j of prompt i has `prompt_index = prompt_offset + i`."""
         from vllm import SamplingParams
