@@ -38,6 +38,7 @@ class SamplingConfig:
     max_tokens: int = 64
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False  # generate max_tokens every time (benchmarks)
 
 
 def check_model_dir(path: str, key: str = "model") -> Path:

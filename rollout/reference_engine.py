@@ -78,7 +78,7 @@ class ReferenceEngine:
             ids[b, P - len(p) :] = torch.tensor(p)
             attn[b, P - len(p) :] = 1
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        stop = torch.tensor(sorted(self.eos_ids | set(sp.stop_token_ids)), dtype=torch.long)
+        stop = torch.tensor(sorted((set() if sp.ignore_eos else self.eos_ids) | set(sp.stop_token_ids)), dtype=torch.long)
         record_mask = truncates(sp.temperature, sp.top_k, sp.top_p)
         toks, logps, kept = [], [], []
         done = torch.zeros(B, dtype=torch.bool)

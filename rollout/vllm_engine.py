@@ -129,6 +129,7 @@ class VLLMEngine:
             max_tokens=sampling.max_tokens,
             seed=sampling.seed,
             stop_token_ids=list(sampling.stop_token_ids) or None,
+            ignore_eos=sampling.ignore_eos,
             logprobs=self.vocab_size if self.mask_from_logprobs else 0,  # else the sampled token's only
             detokenize=False,
         )
