@@ -28,6 +28,7 @@ Deviations and limits:
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -277,32 +278,29 @@ class AgentRunner:
         `prompt_index`, `segments` and `tool_stats` set."""
         n, cfg = sampling.n, self.cfg
         width = cfg.parallel if cfg.strategy == "parallel_fewest_steps" else 1
-        eps = [Episode(list(p), list(p)) for p in prompts for _ in range(n * width)]
-        group_size = n * width
-        for turn in range(10**9):
-            if all(e.done for e in eps):
-                break
+        group = n * width
+        eps = [Episode(list(p), list(p)) for p in prompts for _ in range(group)]
+        for turn in itertools.count():
             if turn > 0:
                 self._manage(generate_fn, [e for e in eps if not e.done], sampling, turn)
-            by_room: dict[int, list[int]] = {}  # room -> the live episodes (or, at turn 0, prompts) that have it
-            units = range(len(prompts)) if turn == 0 else [i for i, e in enumerate(eps) if not e.done]
-            for u in units:
-                room = min(sampling.max_tokens, cfg.max_context - len(prompts[u] if turn == 0 else eps[u].stream))
+            # Turn 0 is one request per prompt with n = group size (a group's samples differ even under a
+            # fixed seed); later turns are one request per live episode.
+            units = ([(range(u * group, (u + 1) * group), p) for u, p in enumerate(prompts)] if turn == 0
+                     else [([i], e.stream) for i, e in enumerate(eps) if not e.done])
+            if not units:
+                break
+            by_room: dict[int, list] = {}
+            for members, stream in units:
+                room = min(sampling.max_tokens, cfg.max_context - len(stream))
                 if room > 0:
-                    by_room.setdefault(room, []).append(u)
-                for i in (range(u * group_size, (u + 1) * group_size) if turn == 0 else [u]):
-                    if room <= 0:
-                        eps[i].finish(Status.TRUNCATED, "context")
+                    by_room.setdefault(room, []).append((members, stream))
+                for i in members if room <= 0 else ():
+                    eps[i].finish(Status.TRUNCATED, "context")
             seed = None if sampling.seed is None else sampling.seed + 7919 * turn
-            for room, units in by_room.items():
-                if turn == 0:  # a group's samples come from one request per prompt (n = group size)
-                    outs = generate_fn([prompts[u] for u in units], replace(sampling, n=group_size, max_tokens=room))
-                    targets = [eps[i] for u in units for i in range(u * group_size, (u + 1) * group_size)]
-                else:
-                    outs = generate_fn([eps[u].stream for u in units], replace(sampling, n=1, max_tokens=room, seed=seed))
-                    targets = [eps[u] for u in units]
-                outs.sort(key=lambda s: s.prompt_index)  # stable: a prompt's n samples keep their order
-                for e, s in zip(targets, outs):
+            for room, batch in by_room.items():
+                sp = replace(sampling, max_tokens=room, **({"n": group} if turn == 0 else {"n": 1, "seed": seed}))
+                outs = sorted(generate_fn([stream for _, stream in batch], sp), key=lambda s: s.prompt_index)
+                for e, s in zip([eps[i] for members, _ in batch for i in members], outs):
                     self._step(e, s)
         if width > 1:
             eps = [self._fewest_steps(eps[i : i + width]) for i in range(0, len(eps), width)]
