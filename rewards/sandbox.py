@@ -94,6 +94,12 @@ class SandboxResult:
     def ok(self) -> bool:
         return self.returncode == 0 and not self.timed_out
 
+    @property
+    def limit_hit(self) -> bool:
+        """Stopped by a time limit: the wall timeout, or the CPU limit (SIGXCPU at the soft limit, SIGKILL at
+        the hard one); under load the CPU limit can come first."""
+        return self.timed_out or self.returncode in (-signal.SIGXCPU, -signal.SIGKILL)
+
 
 def _child_setup(limits: SandboxLimits, as_root: bool, workdir: str):
     def setup():  # runs in the child between fork and exec

@@ -39,7 +39,7 @@ def run_verifier(source: str, answers: list[str], timeout_s: float = 5.0) -> lis
     text for the whole verifier when it does not run (syntax error, no `verify`, time-out)."""
     limits = SandboxLimits(timeout_s=timeout_s, cpu_s=max(1, int(timeout_s)))
     res = run_python(source + "\n" + _HARNESS, limits, stdin=json.dumps(answers))
-    if res.timed_out:
+    if res.limit_hit:
         return "timed out"
     if not res.ok or "__VERDICTS__" not in res.stdout:
         tail = (res.stderr.strip().splitlines() or [f"exit {res.returncode}"])[-1]

@@ -32,7 +32,6 @@ import itertools
 import json
 import math
 import re
-import signal
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -81,7 +80,7 @@ def python_tool(code: str, timeout_s: float = 5.0) -> str:
     from rewards.sandbox import SandboxLimits, run_python
 
     res = run_python(code, SandboxLimits(timeout_s=timeout_s, cpu_s=max(1, int(timeout_s))))
-    if res.timed_out or res.returncode in (-signal.SIGXCPU, -signal.SIGKILL):  # wall or CPU limit
+    if res.limit_hit:
         return "error: timed out"
     return res.stdout[-2000:].rstrip("\n") if res.ok else f"error (exit {res.returncode}): {res.stderr[-1000:]}"
 
