@@ -112,16 +112,21 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
+def final_answer(text: str) -> str:
+    """The final answer of a completion: the last `\\boxed{}` after `</think>`, else that whole text, stripped."""
+    answer = split_thinking(text)[1]
+    boxed = last_boxed(answer)
+    return (boxed if boxed is not None else answer).strip()
+
+
 @register_scorer("exact")
 def exact_scorer(completions: list[str], answer: list, **_) -> list[float | None]:
     """1.0 if the final answer (last `\\boxed{}` if any, else the text after `</think>`) equals the gold
     answer after whitespace/case normalisation."""
     out = []
     for text, gold in zip(completions, answer):
-        _, final = split_thinking(text)
-        pred = last_boxed(final)
         golds = gold if isinstance(gold, (list, tuple)) else [gold]
-        out.append(1.0 if _normalise(pred if pred is not None else final) in {_normalise(g) for g in golds} else 0.0)
+        out.append(1.0 if _normalise(final_answer(text)) in {_normalise(g) for g in golds} else 0.0)
     return out
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 
-from rewards.base import record_event, register_scorer, split_thinking
+from rewards.base import record_event, register_scorer
+from rewards.rule import final_answer
 from rewards.sandbox import SandboxLimits, run_python
 
 _HARNESS = '''
@@ -24,14 +25,6 @@ for _a in _json.loads(_sys.stdin.read()):
         _out.append(type(_e).__name__ + ": " + str(_e)[:200])
 print("\\n__VERDICTS__" + _json.dumps(_out))
 '''
-
-
-def final_answer(text: str) -> str:
-    from rewards.rule import last_boxed
-
-    answer = split_thinking(text)[1]
-    boxed = last_boxed(answer)
-    return (boxed if boxed is not None else answer).strip()
 
 
 def run_verifier(source: str, answers: list[str], timeout_s: float = 5.0) -> list[bool | str] | str:

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import random
 
+from dataclasses import replace
+
 from rl import pipeline
 from rl.synthetic import solve
+from rollout.agent import AgentRunner, ScriptedPolicy, oracle_script
 from rollout.engine import SamplingConfig
 from rollout.sample import Sample, Status
 
@@ -39,15 +42,9 @@ def specialist_samples(run, domain: str, specialist: str, prompts) -> list[Sampl
     if specialist == "rule" and agent is None:
         return [to_sft_sample(run, p, solve(p.row)) for p in prompts]
     if specialist == "rule":
-        from rollout.agent import ScriptedPolicy, oracle_script
-
         missing = [p.source for p in prompts if not p.row.get("solution")]
         if missing:
             raise RuntimeError(f"distill.specialists.{domain}=rule needs each row's reference 'solution' turns; missing at {missing[0]}")
-        from dataclasses import replace
-
-        from rollout.agent import AgentRunner
-
         oracle = ScriptedPolicy(run.tok, oracle_script({p.row["prompt"]: p.row["solution"] for p in prompts}))
         # Demonstrations are the clean solution: the whole context, no context management.
         plain = AgentRunner(run.tok, replace(agent.cfg, strategy="none", max_context=r.max_model_len), agent.domains)

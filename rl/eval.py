@@ -11,8 +11,7 @@ from __future__ import annotations
 import argparse
 from collections import Counter, defaultdict
 
-from rewards.rule import last_boxed
-from rewards.base import split_thinking
+from rewards.rule import final_answer
 from rl import pipeline
 from rl.data import Prompt
 from rollout.engine import SamplingConfig
@@ -21,12 +20,6 @@ from rollout.engine import SamplingConfig
 def _correct(s, spec) -> bool:
     v = s.rewards.get(spec.primary) if s.rewards else None
     return v is not None and v > 0.5
-
-
-def _final_answer(text: str | None) -> str:
-    answer = split_thinking(text or "")[1]
-    boxed = last_boxed(answer)
-    return (boxed if boxed is not None else answer).strip()
 
 
 def evaluate(engines, prompts: list[Prompt], specs: dict, pool, tokenizer, k: int, temperature: float,
@@ -54,9 +47,9 @@ def evaluate(engines, prompts: list[Prompt], specs: dict, pool, tokenizer, k: in
         out[f"eval/{domain}/pass@{k}"] = sum(any(_correct(s, spec) for s in groups[i]) for i in idx) / len(idx)
         maj = 0
         for i in idx:
-            answers = Counter(_final_answer(s.text) for s in groups[i])
+            answers = Counter(final_answer(s.text or "") for s in groups[i])
             top = answers.most_common(1)[0][0]
-            maj += any(_final_answer(s.text) == top and _correct(s, spec) for s in groups[i])
+            maj += any(final_answer(s.text or "") == top and _correct(s, spec) for s in groups[i])
         out[f"eval/{domain}/maj@{k}"] = maj / len(idx)
     return out
 

@@ -17,7 +17,7 @@ def generate(engines, prompts: list[Prompt], sampling: SamplingConfig, agent=Non
     """n samples per prompt, each tagged with its prompt's domain and row. Prompts of `agent.domains`
     (an `rollout.agent.AgentRunner`) run as tool-use episodes on the same engines."""
     tool_idx = [i for i, p in enumerate(prompts) if agent is not None and p.row["domain"] in agent.domains]
-    plain_idx = [i for i in range(len(prompts)) if i not in set(tool_idx)]
+    plain_idx = sorted(set(range(len(prompts))) - set(tool_idx))
     samples, metrics = [], {"rollout/chunks": 0, "rollout/engine_restarts": 0, "rollout/aborted": 0}
 
     def call(ids, sp):

@@ -27,11 +27,12 @@ import random
 import re
 import sys
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rewards.registry import Registry
-from rewards.verifier import final_answer, run_verifier
+from rewards.rule import final_answer
+from rewards.verifier import run_verifier, verifier_scorer
 from rollout.agent import TOOLS, AgentRunner, EpisodeConfig, final_turn_ids, tool_call_text
 from rollout.engine import SamplingConfig
 
@@ -157,11 +158,12 @@ def pass_rates(tasks: list[Task], generate_fn, tokenizer, env: ToolEnv, k: int, 
     runner = AgentRunner(tokenizer, replace(episode, tool_context={**env.tool_context(), **episode.tool_context}))
     prompts = [encode_prompt(tokenizer, t.row()) for t in tasks]
     samples = runner.run(generate_fn, prompts, replace(sampling, n=k))
+    texts = [tokenizer.decode(final_turn_ids(s), skip_special_tokens=True) for s in samples]
+    # The scorer runs each task's verifier once for its k answers; a broken verifier (None) is no pass.
+    scores = verifier_scorer(texts, verifier=[tasks[s.prompt_index].verifier for s in samples])
     passed = [0] * len(tasks)
-    for s in samples:
-        text = tokenizer.decode(final_turn_ids(s), skip_special_tokens=True)
-        verdict = run_verifier(tasks[s.prompt_index].verifier, [final_answer(text)])
-        passed[s.prompt_index] += isinstance(verdict, list) and verdict[0] is True
+    for s, score in zip(samples, scores):
+        passed[s.prompt_index] += score == 1.0
     return [p / k for p in passed]
 
 

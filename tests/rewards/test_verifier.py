@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from rewards import get_scorer, take_events
-from rewards.verifier import final_answer, run_verifier
+from rewards.rule import final_answer
+from rewards.verifier import run_verifier
 
 EQ_42 = "def verify(answer):\n    return answer.strip() == '42'\n"
 
