@@ -4,9 +4,12 @@ Both compute the GRPO loss with the engine's log-probs as pi_old and back-propag
 optimiser step), on the same prompts/completions/advantages. Ours: `rl.learner.Learner` (FSDP2, world
 size 1, gloo, chunked log-probs). TRL: `GRPOTrainer._compute_loss` (its fused LM head log-probs). Each
 variant runs in a fresh process; peak memory = peak RSS minus RSS after the model is loaded. CPU, fp32.
+`--gpu`: one GPU, bf16 compute with fp32 master weights on both sides (ours: FSDP2 mixed precision; TRL:
+`bf16=True`, the step under its accelerator's autocast), peak memory = `torch.cuda.max_memory_allocated`
+minus the allocation after the model is loaded.
 
     pip install trl==1.16.0   # bench-only dependency
-    python bench/learner_vs_trl.py [--models dense0.4b,tiny_moe] [--batch 4] [--prompt-len 64] [--completion-len 128]
+    python bench/learner_vs_trl.py [--models dense0.4b,tiny_moe] [--batch 4] [--prompt-len 64] [--completion-len 128] [--gpu]
 """
 from __future__ import annotations
 
@@ -21,7 +24,10 @@ import time
 
 SHAPES = {"dense0.4b": ("dense", dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                                       num_key_value_heads=8, head_dim=64)),
-          "tiny_moe": ("moe", {})}
+          "tiny_moe": ("moe", {}),
+          "moe0.85b": ("moe", dict(hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4,
+                                   head_dim=64, moe_intermediate_size=512, num_experts=32, num_experts_per_tok=4,
+                                   intermediate_size=2048))}  # the shape of the GPU benches
 
 
 def _rss_mb() -> float:
@@ -40,7 +46,7 @@ def _batch(B: int, P: int, C: int, vocab: int):
     return prompt, completion, old, adv
 
 
-def run(variant: str, model_dir: str, B: int, P: int, C: int, reps: int) -> dict:
+def run(variant: str, model_dir: str, B: int, P: int, C: int, reps: int, gpu: bool = False) -> dict:
     import torch
 
     vocab = json.load(open(os.path.join(model_dir, "config.json")))["vocab_size"]
@@ -49,7 +55,8 @@ def run(variant: str, model_dir: str, B: int, P: int, C: int, reps: int) -> dict
         from rl.learner import Learner, LearnerConfig, step_totals
         from rollout.sample import Sample, Status
 
-        learner = Learner(LearnerConfig(model=model_dir, micro_batch_size=B, keep_routing=False))
+        learner = Learner(LearnerConfig(model=model_dir, micro_batch_size=B, keep_routing=False,
+                                        param_dtype="bfloat16" if gpu else "float32"))
         samples = [Sample(prompt_ids=prompt[b].tolist(), response_ids=completion[b].tolist(), logprobs=old[b].tolist(),
                           loss_mask=[1] * C, status=Status.COMPLETED, advantage=float(adv[b])) for b in range(B)]
         totals = step_totals(samples, 1, B)
@@ -59,25 +66,34 @@ def run(variant: str, model_dir: str, B: int, P: int, C: int, reps: int) -> dict
         from trl import GRPOConfig, GRPOTrainer
 
         args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=B, num_generations=B, beta=0.0, loss_type="grpo",
-                          use_cpu=True, bf16=False, report_to=[], max_completion_length=C, logging_steps=1000)
+                          use_cpu=not gpu, bf16=gpu, report_to=[], max_completion_length=C, logging_steps=1000)
         trainer = GRPOTrainer(model=model_dir, reward_funcs=[lambda completions, **k: [0.0] * len(completions)],
                               args=args, train_dataset=Dataset.from_list([{"prompt": "x"}] * B))
-        model = trainer.model
+        model, dev = trainer.model, trainer.accelerator.device
         inputs = {"prompt_ids": prompt, "prompt_mask": torch.ones_like(prompt), "completion_ids": completion,
                   "completion_mask": torch.ones_like(completion), "advantages": adv, "old_per_token_logps": old,
                   "num_items_in_batch": torch.tensor(float(B * C))}
+        inputs = {k: v.to(dev) for k, v in inputs.items()}
 
         def step():
-            trainer._compute_loss(model, inputs).backward()
+            with trainer.accelerator.autocast():  # what its training_step does (bf16 on GPU)
+                loss = trainer._compute_loss(model, inputs)
+            loss.backward()
             model.zero_grad(set_to_none=True)
     step()  # warm-up
-    base = _rss_mb()
-    resource.getrusage(resource.RUSAGE_SELF)
+    if gpu:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _rss_mb()
     t0 = time.perf_counter()
     for _ in range(reps):
         step()
+    if gpu:
+        torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / reps
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024) - base
     return {"tokens_per_s": B * (P + C) / dt, "seconds": dt, "peak_extra_mb": peak}
 
 
@@ -88,27 +104,29 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--completion-len", type=int, default=128)
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--gpu", action="store_true")
     p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:
-        print(json.dumps(run(a.one[0], a.one[1], a.batch, a.prompt_len, a.completion_len, a.reps)))
+        print(json.dumps(run(a.one[0], a.one[1], a.batch, a.prompt_len, a.completion_len, a.reps, a.gpu)))
         return
     from rollout.tiny_models import build_tiny_model
 
-    print(f"B={a.batch} prompt={a.prompt_len} completion={a.completion_len}, fp32 CPU, fwd+bwd of the GRPO loss")
+    where = "bf16 mixed precision, GPU (" + __import__("torch").cuda.get_device_name(0) + ")" if a.gpu else "fp32 CPU"
+    print(f"B={a.batch} prompt={a.prompt_len} completion={a.completion_len}, {where}, fwd+bwd of the GRPO loss")
     for name in a.models.split(","):
         kind, shape = SHAPES[name]
         model_dir = str(build_tiny_model(kind, tempfile.mkdtemp(prefix="bench-trl-"), seed=0, **shape))
         res = {}
         for variant in ("trl", "ours"):
             cmd = [sys.executable, __file__, "--one", variant, model_dir, "--batch", str(a.batch), "--prompt-len",
-                   str(a.prompt_len), "--completion-len", str(a.completion_len), "--reps", str(a.reps)]
+                   str(a.prompt_len), "--completion-len", str(a.completion_len), "--reps", str(a.reps)] + ["--gpu"] * a.gpu
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 raise SystemExit(f"{variant} failed:\n{out.stderr[-3000:]}")
             res[variant] = json.loads(out.stdout.strip().splitlines()[-1])
             r = res[variant]
-            print(f"  {name:10s} {variant:4s}: {r['tokens_per_s']:8.1f} tok/s, peak extra {r['peak_extra_mb']:7.0f} MB")
+            print(f"  {name:10s} {variant:4s}: {r['tokens_per_s']:8.1f} tok/s, peak extra {r['peak_extra_mb']:7.0f} MB", flush=True)
         print(f"  {name:10s} ratios ours/TRL: tokens/s {res['ours']['tokens_per_s'] / res['trl']['tokens_per_s']:.2f}x "
               f"(target >= 1.5x), peak memory {res['ours']['peak_extra_mb'] / max(res['trl']['peak_extra_mb'], 1):.2f}x (target <= 0.5x)")
 
