@@ -56,6 +56,7 @@ class RolloutConfig:
     chunk_prompts: int = 16  # prompts per engine call (dynamic batching granularity)
     dtype: str = "float32"
     engine_cpus: float = 1.0
+    engine_gpus: float = 0.0  # GPUs per engine actor (0 on CPU)
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ class TrainerConfig:
     logprob_chunk: int = 256
     world_size: int = 1  # learner ranks (processes)
     learner_cpus: float = 1.0
+    learner_gpus: float = 0.0  # GPUs per learner rank (0 on CPU)
     mode: str = "sync"  # sync | async (rollouts for step k+1 run while step k trains)
     max_staleness: int = 1  # async: samples older than this many policy versions are dropped (counted)
     eval_every: int = 0  # 0 = only at the end
@@ -240,6 +242,7 @@ def validate(cfg: Config) -> None:
     _check(r.temperature >= 0, "rollout.temperature", f"must be >= 0, got {r.temperature}")
     _check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
     _check(r.max_tokens >= 1 and r.num_engines >= 1, "rollout", "max_tokens and num_engines must be >= 1")
+    _check(r.engine_gpus >= 0 and t.learner_gpus >= 0, "rollout.engine_gpus", "GPU counts (and trainer.learner_gpus) must be >= 0")
     _check(t.steps >= 0 and t.lr > 0 and t.world_size >= 1 and t.micro_batch_size >= 1, "trainer",
            "steps >= 0, lr > 0, world_size >= 1 and micro_batch_size >= 1 are required")
     _check(t.mode in ("sync", "async"), "trainer.mode", f"must be 'sync' or 'async', got {t.mode!r}")

@@ -53,7 +53,7 @@ def specialist_samples(run, domain: str, specialist: str, prompts) -> list[Sampl
     from rollout.manager import RolloutManager
 
     mgr = RolloutManager(EngineConfig(model=specialist, engine=r.engine, dtype=r.dtype, max_model_len=r.max_model_len),
-                         num_engines=1, chunk_prompts=r.chunk_prompts, num_cpus=r.engine_cpus)
+                         num_engines=1, chunk_prompts=r.chunk_prompts, num_cpus=r.engine_cpus, num_gpus=r.engine_gpus)
     try:
         sp = SamplingConfig(n=run.cfg.distill.samples_per_prompt, temperature=r.temperature, max_tokens=r.max_tokens, seed=0)
         samples, _ = pipeline.generate(mgr, prompts, sp, agent)

@@ -75,7 +75,7 @@ class Run:
             r = self.cfg.rollout
             ecfg = EngineConfig(model=model or self.model_path, engine=r.engine, dtype=r.dtype,
                                 max_model_len=r.max_model_len, seed=self.cfg.trainer.seed)
-            self._engines = RolloutManager(ecfg, r.num_engines, r.chunk_prompts, num_cpus=r.engine_cpus)
+            self._engines = RolloutManager(ecfg, r.num_engines, r.chunk_prompts, num_cpus=r.engine_cpus, num_gpus=r.engine_gpus)
         return self._engines
 
     def learner(self):
@@ -88,7 +88,7 @@ class Run:
                              opsm_delta=a.opsm_delta, aggregation=a.aggregation, keep_routing=a.keep_routing,
                              keep_sampling_mask=a.keep_sampling_mask, temperature=self.cfg.rollout.temperature,
                              kl_coefs=self.betas, seed=t.seed, dsa_loss=a.dsa_loss, dsa_loss_coef=a.dsa_loss_coef)
-        return LearnerGroup(lcfg, t.world_size, num_cpus=t.learner_cpus)
+        return LearnerGroup(lcfg, t.world_size, num_cpus=t.learner_cpus, num_gpus=t.learner_gpus)
 
     def collect(self, stream: PromptStream, step: int) -> Batch:
         """Prompts -> n samples each -> rewards -> advantages (runs in a thread in async mode)."""
@@ -164,7 +164,7 @@ def _loop(cfg: Config, run: Run, resume: bool):
             run.sync(learner, version=state["step"])
         if not resume:
             tracker.log(0, {"_kind": "eval", **run.evaluate(engines)})
-        nonfinite = 0
+        nonfinite, t_last = 0, time.time()
         pending = bg.submit(run.collect, stream, state["step"]) if state["step"] < cfg.trainer.steps else None
         for step in range(state["step"], cfg.trainer.steps):
             batch = pending.result()
@@ -179,7 +179,9 @@ def _loop(cfg: Config, run: Run, resume: bool):
             if cfg.trainer.mode == "sync" and step + 1 < cfg.trainer.steps:
                 pending = bg.submit(run.collect, stream, step + 1)
             row = {**batch.metrics, **{f"train/{k}": v for k, v in metrics.items()}, "time/train": t_train,
-                   "time/sync": t_sync, "rollout/stale_dropped": len(pipeline.trainable(batch.samples)) - len(fresh)}
+                   "time/sync": t_sync, "rollout/stale_dropped": len(pipeline.trainable(batch.samples)) - len(fresh),
+                   "time/step": time.time() - t_last}  # wall since the previous step's row (async overlap shows here)
+            t_last = time.time()
             if cfg.trainer.eval_every and (step + 1) % cfg.trainer.eval_every == 0 and step + 1 < cfg.trainer.steps:
                 row.update(run.evaluate(engines))
             tracker.log(step + 1, row)
