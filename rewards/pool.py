@@ -14,6 +14,7 @@ import functools
 import multiprocessing as mp
 import os
 import signal
+import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,12 +43,25 @@ def _child(conn, fn, args, kwargs):
         conn.close()
 
 
+def _fork(ctx, send, fn, args, kwargs, attempts: int = 100):
+    """Start the child. filelock >= 3.3x refuses os.fork (RuntimeError from an audit hook) while another
+    thread is inside a lock's descriptor hand-over; that window is short, so try again a moment later."""
+    for attempt in range(attempts):
+        proc = ctx.Process(target=_child, args=(send, fn, args, kwargs), daemon=True)
+        try:
+            proc.start()
+            return proc
+        except RuntimeError as exc:
+            if "fork is unsafe" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.01)
+
+
 def call_with_timeout(fn, args: tuple, kwargs: dict, timeout_s: float) -> CallResult:
     """Run fn(*args, **kwargs) in a forked child; kill its process group after `timeout_s`."""
     ctx = mp.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(send, fn, args, kwargs), daemon=True)
-    proc.start()
+    proc = _fork(ctx, send, fn, args, kwargs)
     send.close()
     try:
         if not recv.poll(timeout_s):

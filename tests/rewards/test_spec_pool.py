@@ -119,3 +119,25 @@ def test_cli_bad_row_names_file_and_line(tmp_path):
     res = subprocess.run([sys.executable, "-m", "rewards", "score", "--spec", "math", str(bad)], cwd=ROOT,
                          capture_output=True, text=True)
     assert res.returncode != 0 and f"{bad}:2: each row needs a string field 'completion'" in res.stderr
+
+
+def test_fork_refused_for_a_moment_is_retried(monkeypatch):
+    """filelock's fork-safety audit hook refuses os.fork during a lock hand-over in another thread (seen on
+    the GPU machine, filelock 3.32): the pool tries again instead of failing the step."""
+    import os
+
+    from rewards.pool import call_with_timeout
+
+    real_fork, refusals = os.fork, iter([True, True])
+
+    def flaky_fork():
+        if next(refusals, False):
+            raise RuntimeError("os.fork is unsafe while filelock is changing descriptor ownership")
+        return real_fork()
+
+    monkeypatch.setattr(os, "fork", flaky_fork)
+    res = call_with_timeout(sum, ([1, 2, 3],), {}, timeout_s=10)
+    assert res.ok and res.value == 6
+    monkeypatch.setattr(os, "fork", lambda: (_ for _ in ()).throw(RuntimeError("something else")))
+    with pytest.raises(RuntimeError, match="something else"):
+        call_with_timeout(sum, ([1],), {}, timeout_s=10)
