@@ -10,6 +10,7 @@ PYTEST_ARGS ?=
 .PHONY: install test test-fast quickstart bench clean
 
 install: $(STAMP)
+	bash .ci/system-deps.sh
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
