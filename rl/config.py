@@ -61,12 +61,24 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    train: str = MISSING  # JSONL / Parquet file or a saved `datasets` directory
-    eval: Optional[str] = None
-    prompts_per_step: int = 16
-    shuffle_seed: int = 0
-    skip_bad_rows: bool = False  # False: stop at the first malformed row; True: skip and count them
-    system_prompt: Optional[str] = None
+    """Prompt data (rl.data). `train` / `eval` take what `datasets.load_dataset` takes: a hub dataset name or
+    a local folder of data files (with `split` / `subset`), a JSONL / JSON / Parquet / CSV file or glob, or a
+    directory saved with `Dataset.save_to_disk`."""
+
+    train: str = MISSING  # training prompts: a dataset name, data file(s) or a saved dataset directory
+    eval: Optional[str] = None  # evaluation prompts, the same kinds of source
+    split: str = "train"  # split of `train` when it is a dataset name, folder or saved DatasetDict
+    eval_split: str = "test"  # split of `eval` (a single file is its own split: this is then ignored)
+    subset: Optional[str] = None  # dataset configuration (load_dataset's `name`), e.g. 'main' for gsm8k
+    prompt_key: str = "prompt"  # column holding the prompt (a string or a list of chat messages)
+    answer_key: Optional[str] = None  # column to use as the scorers' `answer` (e.g. 'solution'); None: 'answer'
+    columns: dict = field(default_factory=dict)  # more renames, source column -> row field (Dataset.rename_columns)
+    domain: Optional[str] = None  # domain (a key of rewards:) of rows without a `domain` column or value
+    num_proc: Optional[int] = None  # processes for tokenising (Dataset.map); None: in this process
+    prompts_per_step: int = 16  # prompts per training step (each gets rollout.n samples)
+    shuffle_seed: int = 0  # seed of the per-epoch prompt order
+    skip_bad_rows: bool = False  # False: stop at the first malformed row; True: skip them (counted, logged once)
+    system_prompt: Optional[str] = None  # system turn added to prompts that have none
 
 
 @dataclass(frozen=True)

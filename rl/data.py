@@ -1,24 +1,38 @@
-"""Prompt data: loading (HF `datasets`: JSONL, Parquet or a saved dataset directory), row validation with
-file:row errors, tokenisation with the chat template, and a resumable, deterministic prompt stream.
+"""Prompt data: loading (anything `datasets.load_dataset` loads), column mapping, row validation with
+file:row errors, tokenisation with the chat template (`Dataset.map`, cached by datasets), and a
+resumable, deterministic prompt stream.
 
 A row has `prompt` (a string, or a list of chat messages) and `domain` (a key of `rewards:`); the other
-fields are the scorers' row fields (`answer`, `tests`, `language`, `rubric`, ...). Rows are checked for
-the fields their domain's scorers need and for prompts that do not fit the context; a bad row stops the
-run with `file:row: reason`, or is skipped and counted when `data.skip_bad_rows=true`.
+fields are the scorers' row fields (`answer`, `tests`, `language`, `rubric`, ...). A dataset whose columns
+have other names is mapped with `data.prompt_key`, `data.answer_key` or `data.columns`; rows without a
+domain get `data.domain`. Rows are checked for the fields their domain's scorers need and for prompts that
+do not fit the context; a bad row stops the run with `file:row: reason`, or is skipped and counted (one
+line on stderr) when `data.skip_bad_rows=true`.
+
+Sources (`data.train`, `data.eval`): a JSONL / JSON / Parquet / CSV file or a glob of them, a directory
+saved with `Dataset.save_to_disk`, or whatever else `datasets.load_dataset` accepts: a hub dataset name or
+a local folder of data files, with `data.split` / `data.eval_split` and `data.subset`. The split applies
+to names and folders; a single file is its own (train) split. `row` in `file:row` counts data rows from
+1 (for JSONL without blank lines, the line number).
 """
 from __future__ import annotations
 
+import glob
 import json
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 # Row fields a scorer cannot work without.
 REQUIRED_FIELDS = {"math": ("answer",), "exact": ("answer",), "code": ("tests",), "rubric": ("rubric",), "verifier": ("verifier",)}
+# Builders of `datasets.load_dataset` by file suffix.
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+_IDS, _PROBLEM = "_v32rl_prompt_ids", "_v32rl_problem"  # columns the tokenising map adds
 
 
 class DataError(ValueError):
-    """A malformed data row or file; the message starts with file:row."""
+    """A malformed data row or file; the message starts with file:row (or the source and its config key)."""
 
 
 @dataclass
@@ -28,28 +42,79 @@ class Prompt:
     source: str  # file:row, for messages and for the consumed-prompts record
 
 
-def read_rows(path: str) -> list[dict]:
-    """Rows of a JSONL / JSON / Parquet file or a saved `datasets` directory, via HF datasets."""
+def load_source(source: str, split: str = "train", subset: str | None = None, key: str = "data.train"):
+    """The `datasets.Dataset` behind a `data.train` / `data.eval` value (see the module docstring).
+
+    Errors name the source (a file) or the config key (a name `load_dataset` could not load)."""
     import datasets
 
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"{path}: data file does not exist")
-    if p.is_dir():
+    p = Path(source).expanduser()
+    if p.is_dir() and ((p / "dataset_dict.json").is_file() or (p / "state.json").is_file()):
         ds = datasets.load_from_disk(str(p))
-    elif p.suffix in (".jsonl", ".json"):
-        _check_json_lines(p)  # datasets' own error does not say which line is broken
-        ds = datasets.load_dataset("json", data_files=str(p), split="train")
-    elif p.suffix == ".parquet":
-        ds = datasets.load_dataset("parquet", data_files=str(p), split="train")
-    else:
-        raise DataError(f"{path}: unsupported data format (use .jsonl, .json, .parquet or a saved dataset dir)")
-    return [dict(r) for r in ds]
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"{source}: no split {split!r} in the saved dataset (splits: {sorted(ds)})")
+            ds = ds[split]
+        return ds
+    files = sorted(glob.glob(str(p))) if glob.has_magic(source) else [str(p)] if p.is_file() else []
+    if files or p.suffix in FILE_BUILDERS or (source.startswith(("/", "./", "../", "~")) and not p.is_dir()):
+        return _load_files(source, files)
+    try:
+        return datasets.load_dataset(source, subset, split=split)
+    except Exception as exc:  # noqa: BLE001  hub, network and builder errors all mean "cannot load this"
+        raise DataError(f"{key}={source!r}: datasets.load_dataset cannot load it (split={split!r}, subset={subset!r}): "
+                        f"{type(exc).__name__}: {exc}") from None
+
+
+def _load_files(source: str, files: list[str]):
+    import datasets
+
+    if not files:
+        raise DataError(f"{source}: " + ("no file matches" if glob.has_magic(source) else "data file does not exist"))
+    suffixes = {Path(f).suffix for f in files}
+    if len(suffixes) > 1 or not suffixes <= set(FILE_BUILDERS):
+        raise DataError(f"{source}: unsupported data format {sorted(suffixes)} (use one of .jsonl, .json, .parquet, "
+                        ".csv, a saved dataset dir or a dataset name)")
+    for f in files:
+        if Path(f).stat().st_size == 0:
+            raise DataError(f"{f}: the data file is empty")
+        if f.endswith(".jsonl"):
+            _check_json_lines(Path(f))  # datasets' own error does not say which line is broken
+    return datasets.load_dataset(FILE_BUILDERS[suffixes.pop()], data_files=files, split="train")
+
+
+def map_columns(ds, source: str, prompt_key: str = "prompt", answer_key: str | None = None,
+                columns: dict | None = None, domain: str | None = None):
+    """Rename a dataset's columns to row fields (`columns` maps source column -> field, as
+    `Dataset.rename_columns`; `prompt_key` / `answer_key` are shorthands for the two common ones) and
+    give rows without a domain `domain`."""
+    renames = dict(columns or {})
+    if prompt_key != "prompt":
+        renames[prompt_key] = "prompt"
+    if answer_key and answer_key != "answer":
+        renames[answer_key] = "answer"
+    for col, fld in renames.items():
+        if col not in ds.column_names:
+            raise DataError(f"{source}: no column {col!r} to use as {fld!r} (columns: {ds.column_names})")
+    clash = [fld for col, fld in renames.items() if fld in ds.column_names and fld not in renames]
+    if clash:
+        raise DataError(f"{source}: column {clash[0]!r} exists already; map it to another name as well")
+    if renames:
+        ds = ds.rename_columns(renames)
+    if domain is not None:
+        if "domain" not in ds.column_names:
+            ds = ds.add_column("domain", [domain] * len(ds))
+        elif None in ds.unique("domain"):
+            ds = ds.map(lambda r: {"domain": domain if r["domain"] is None else r["domain"]}, desc="default domain")
+    return ds
+
+
+def read_rows(path: str) -> list[dict]:
+    """Rows of a data source as dicts (no mapping, no validation)."""
+    return load_source(path).to_list()
 
 
 def _check_json_lines(p: Path) -> None:
-    if p.suffix != ".jsonl":
-        return
     with open(p) as f:
         for i, line in enumerate(f, 1):
             if line.strip():
@@ -105,26 +170,58 @@ def encode_prompt(tokenizer, row: dict, system_prompt: str | None = None) -> lis
 
 
 def load_prompts(path: str, tokenizer, specs: dict, max_prompt_tokens: int, skip_bad_rows: bool,
-                 system_prompt: str | None = None) -> tuple[list[Prompt], list[str]]:
-    """Validated, tokenised prompts and the list of skipped rows' reasons (empty unless skipping)."""
+                 system_prompt: str | None = None, *, data_cfg=None, which: str = "train") -> tuple[list[Prompt], list[str]]:
+    """Validated, tokenised prompts of `path` and the skipped rows' reasons (empty unless skipping).
+
+    `data_cfg` (an `rl.config.DataConfig`) brings the split, subset, column mapping, default domain and
+    `num_proc`; `which` ('train' | 'eval') picks `data.split` or `data.eval_split` and the key named in
+    errors. Tokenisation is a `Dataset.map`, so a second run on the same data and tokenizer reads datasets'
+    cache instead of tokenising again."""
+    d = data_cfg
+    split = (d.split if which == "train" else d.eval_split) if d is not None else "train"
+    ds = load_source(path, split, d.subset if d else None, key=f"data.{which}")
+    if d is not None:
+        ds = map_columns(ds, path, d.prompt_key, d.answer_key, d.columns, d.domain)
+    if len(ds) == 0:
+        raise DataError(f"{path}: no rows")
+    import datasets
+
+    # Explicit types: a shard with only bad rows would otherwise infer null columns that do not concatenate.
+    features = datasets.Features({**ds.features, _IDS: datasets.Sequence(datasets.Value("int32")),
+                                  _PROBLEM: datasets.Value("string")})
+    ds = ds.map(_check_and_encode, num_proc=(d.num_proc if d else None), desc="tokenising prompts", features=features,
+                fn_kwargs={"tokenizer": tokenizer, "specs": specs, "max_prompt_tokens": max_prompt_tokens,
+                           "system_prompt": system_prompt})
     prompts, skipped = [], []
-    for i, row in enumerate(read_rows(path), 1):
+    for i, row in enumerate(ds, 1):
+        ids, problem = row.pop(_IDS), row.pop(_PROBLEM)
         where = f"{path}:{i}"
-        problem = row_problem(row, specs)
-        ids = None
-        if problem is None:
-            ids = encode_prompt(tokenizer, row, system_prompt)
-            if len(ids) > max_prompt_tokens:
-                problem = f"prompt has {len(ids)} tokens, more than the {max_prompt_tokens} that fit the context"
         if problem is not None:
             if not skip_bad_rows:
                 raise DataError(f"{where}: {problem}")
             skipped.append(f"{where}: {problem}")
             continue
         prompts.append(Prompt(row, ids, where))
+    if skipped:
+        first = "; ".join(skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
+        print(f"data: skipped {len(skipped)} of {len(ds)} rows of {path} (data.skip_bad_rows=true): {first}", file=sys.stderr)
     if not prompts:
         raise DataError(f"{path}: no usable rows")
     return prompts, skipped
+
+
+def _check_and_encode(row: dict, tokenizer, specs: dict, max_prompt_tokens: int, system_prompt: str | None) -> dict:
+    """The map function: the row's token ids, or why it cannot be used."""
+    problem, ids = row_problem(row, specs), []
+    if problem is None:
+        try:
+            ids = encode_prompt(tokenizer, row, system_prompt)
+        except Exception as exc:  # noqa: BLE001  a template that rejects the row is the row's problem
+            problem = f"the chat template cannot render the prompt ({type(exc).__name__}: {exc})"
+        else:
+            if len(ids) > max_prompt_tokens:
+                problem = f"prompt has {len(ids)} tokens, more than the {max_prompt_tokens} that fit the context"
+    return {_IDS: ids if problem is None else [], _PROBLEM: problem}
 
 
 @dataclass

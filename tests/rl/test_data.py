@@ -87,3 +87,92 @@ def test_rows_with_tools_list_them_in_the_system_turn(tmp_path, tok):
     text = tok.decode(with_tools.prompt_ids)
     assert text.startswith("<|im_start|>system\n# Tools\n<tools>\n") and '"name": "python"' in text
     assert with_tools.prompt_ids[-len(plain.prompt_ids):] == plain.prompt_ids  # the same user turn after it
+
+
+def _cfg(**kw):
+    from rl.config import DataConfig
+
+    return DataConfig(train="unused", **kw)
+
+
+def test_column_mapping_and_default_domain(tmp_path, tok):
+    path = _write(tmp_path / "gsm.jsonl", [{"question": "What is 2 + 2?", "solution": "4", "id": 7}])
+    (p,), _ = load_prompts(path, tok, SPECS, 64, False, data_cfg=_cfg(prompt_key="question", answer_key="solution",
+                                                                        domain="math"))
+    assert p.row == {"prompt": "What is 2 + 2?", "answer": "4", "id": 7, "domain": "math"}
+    # A general mapping; rows that have a domain keep it, rows with none get data.domain.
+    path = _write(tmp_path / "mixed.jsonl", [{"q": "hi", "d": "chat"}, {"q": "1+1?", "gold": "2", "d": None}])
+    prompts, _ = load_prompts(path, tok, SPECS, 64, False,
+                              data_cfg=_cfg(columns={"q": "prompt", "gold": "answer", "d": "domain"}, domain="math"))
+    assert [(p.row["domain"], p.row["answer"]) for p in prompts] == [("chat", None), ("math", "2")]
+    with pytest.raises(DataError, match=r"gsm.jsonl: no column 'problem' to use as 'prompt' \(columns: \["):
+        load_prompts(str(tmp_path / "gsm.jsonl"), tok, SPECS, 64, False, data_cfg=_cfg(prompt_key="problem"))
+
+
+def test_dataset_folder_by_name_with_split_and_subset(tmp_path, tok, monkeypatch):
+    """A local folder goes through `datasets.load_dataset(name, subset, split=...)` like a hub name."""
+    folder = tmp_path / "my_ds"
+    folder.mkdir()
+    _write(folder / "train.jsonl", [{**GOOD, "answer": "train"}] * 2)
+    _write(folder / "test.jsonl", [{**GOOD, "answer": "test"}])
+    cfg = _cfg(split="train", eval_split="test")
+    train, _ = load_prompts(str(folder), tok, SPECS, 64, False, data_cfg=cfg)
+    evals, _ = load_prompts(str(folder), tok, SPECS, 64, False, data_cfg=cfg, which="eval")
+    assert [p.row["answer"] for p in train] == ["train", "train"] and [p.row["answer"] for p in evals] == ["test"]
+    # A subset (configuration) declared in the dataset card, as hub datasets do.
+    (folder / "README.md").write_text("---\nconfigs:\n- config_name: hard\n  data_files:\n  - split: train\n"
+                                      "    path: test.jsonl\n- config_name: default\n  data_files:\n"
+                                      "  - split: train\n    path: train.jsonl\n---\n")
+    hard, _ = load_prompts(str(folder), tok, SPECS, 64, False, data_cfg=_cfg(subset="hard"))
+    assert [p.row["answer"] for p in hard] == ["test"]
+    with pytest.raises(DataError, match=r"data.eval='.*my_ds': datasets.load_dataset cannot load it \(split='validation'"):
+        load_prompts(str(folder), tok, SPECS, 64, False, data_cfg=_cfg(eval_split="validation"), which="eval")
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # the hub is not reachable from tests
+    with pytest.raises(DataError, match=r"data.train='nobody/no-such-dataset': datasets.load_dataset cannot load it"):
+        load_prompts("nobody/no-such-dataset", tok, SPECS, 64, False, data_cfg=_cfg())
+
+
+def test_saved_dataset_dict_split(tmp_path, tok):
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([GOOD]),
+                          "test": datasets.Dataset.from_list([{**GOOD, "answer": "9"}])}).save_to_disk(str(tmp_path / "dd"))
+    (p,), _ = load_prompts(str(tmp_path / "dd"), tok, SPECS, 64, False, data_cfg=_cfg(), which="eval")
+    assert p.row["answer"] == "9"
+    with pytest.raises(DataError, match=r"dd: no split 'dev' in the saved dataset \(splits: \['test', 'train'\]\)"):
+        load_prompts(str(tmp_path / "dd"), tok, SPECS, 64, False, data_cfg=_cfg(split="dev"))
+
+
+def test_empty_file_is_named(tmp_path, tok):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"empty.jsonl: the data file is empty"):
+        load_prompts(str(tmp_path / "empty.jsonl"), tok, SPECS, 64, skip_bad_rows=False)
+
+
+def test_skipped_rows_are_logged_once(tmp_path, tok, capsys):
+    bad = [{"prompt": "x", "domain": "math"}, {"domain": "chat"}, {"prompt": " ", "domain": "math", "answer": "1"},
+           {"prompt": "x", "domain": "poetry"}]
+    path = _write(tmp_path / "d.jsonl", [GOOD, *bad])
+    load_prompts(path, tok, SPECS, 64, skip_bad_rows=True)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("data:")]  # not datasets' bars
+    assert len(err) == 1 and err[0].startswith(f"data: skipped 4 of 5 rows of {path} (data.skip_bad_rows=true): ")
+    assert "d.jsonl:2: missing 'answer'" in err[0] and "d.jsonl:4: empty prompt; ..." in err[0]
+    assert "poetry" not in err[0]  # the first few reasons, not all of them
+
+
+def test_tokenising_map_runs_in_processes_and_is_cached(tmp_path, tok, monkeypatch):
+    path = _write(tmp_path / "d.jsonl", [{**GOOD, "answer": str(i)} for i in range(6)] + [{"prompt": "x", "domain": "math"}])
+    first, skipped = load_prompts(path, tok, SPECS, 64, True, data_cfg=_cfg(num_proc=2))
+    assert [p.row["answer"] for p in first] == [str(i) for i in range(6)] and len(skipped) == 1
+    import rl.data
+
+    assert first[0].prompt_ids == rl.data.encode_prompt(tok, GOOD)
+
+    def boom(*a, **k):
+        raise AssertionError("tokenised again instead of reading datasets' cache")
+
+    monkeypatch.setattr(rl.data, "encode_prompt", boom)
+    again, _ = load_prompts(path, tok, SPECS, 64, True, data_cfg=_cfg(num_proc=2))
+    assert [(p.row, p.prompt_ids) for p in again] == [(p.row, p.prompt_ids) for p in first]
