@@ -60,7 +60,7 @@ def main() -> None:
     res = {"vllm": vllm.__version__, "gpu": torch.cuda.get_device_name(), "params": n_params, "samples": len(samples),
            "gen_s": t_gen, "mask_source": "processed_logprobs" if eng_mask_from_logprobs else "native",
            "routed_shape": list(samples[0].routed_experts.shape)}
-    kept_sizes = [int(np.diff(s.kept_offsets).mean()) for s in samples]
+    kept_sizes = [float(s.kept.sizes().mean()) for s in samples]
     res["kept_set_mean_size"] = float(np.mean(kept_sizes))
 
     used = []
@@ -79,7 +79,7 @@ def main() -> None:
             B, T, L, k = routed.shape
             same = [torch.equal(used[l].reshape(B, T, k).sort(-1).values, routed[:, :, l].sort(-1).values) for l in range(L)]
             res["replay_experts_equal_vllm_all_layers"] = all(same)
-        sums = learner.accumulate_grads(samples, {"num_seqs": len(samples), "num_tokens": 1, "max_len": 1, "num_micro": 0})
+        sums = learner.accumulate_grads(samples, plan_step(samples, 1, len(samples)))
         learner.zero_grads()
         d = np.concatenate([np.asarray(l) - np.asarray(s.logprobs) for s, l in zip(samples, lp)])
         out = {"mismatch_kl_k3": float(np.mean(np.exp(d) - d - 1)), "mean_log_ratio": float(d.mean()),

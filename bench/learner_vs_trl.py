@@ -52,14 +52,14 @@ def run(variant: str, model_dir: str, B: int, P: int, C: int, reps: int, gpu: bo
     vocab = json.load(open(os.path.join(model_dir, "config.json")))["vocab_size"]
     prompt, completion, old, adv = _batch(B, P, C, vocab)
     if variant == "ours":
-        from rl.learner import Learner, LearnerConfig, step_totals
+        from rl.learner import Learner, LearnerConfig, plan_step
         from rollout.sample import Sample, Status
 
         learner = Learner(LearnerConfig(model=model_dir, micro_batch_size=B, keep_routing=False,
                                         param_dtype="bfloat16" if gpu else "float32"))
         samples = [Sample(prompt_ids=prompt[b].tolist(), response_ids=completion[b].tolist(), logprobs=old[b].tolist(),
                           loss_mask=[1] * C, status=Status.COMPLETED, advantage=float(adv[b])) for b in range(B)]
-        totals = step_totals(samples, 1, B)
+        totals = plan_step(samples, 1, B)
         step = lambda: (learner.accumulate_grads(samples, totals), learner.zero_grads())  # noqa: E731
     else:
         from datasets import Dataset

@@ -144,109 +144,157 @@ def opsm_mask(
 
 
 # ------------------------------------------------------------------------------------------ aggregation
-@AGGREGATIONS.register("seq_mean_token_mean")
-def agg_seq_mean_token_mean(per_token: torch.Tensor, mask: torch.Tensor, denom: float | None = None) -> torch.Tensor:
-    """(1/G) sum_i (1/|o_i|) sum_t l_{i,t}: the V3.2 / GRPO normalisation.
+@dataclass(frozen=True)
+class StepTotals:
+    """The optimiser step's normalisers, counted over all its micro-batches and data-parallel ranks, so that
+    summing the per-micro-batch losses gives exactly the step's loss whatever the split."""
 
-    `denom` is the number of sequences in the whole optimiser step (all micro-batches, all data-parallel
-    ranks); summing these per-micro-batch losses then gives exactly the step's seq-mean-token-mean.
-    """
+    num_seqs: int  # sequences in the step
+    num_tokens: int  # loss tokens in the step
+    max_len: int  # positions of the longest row in the step (Dr. GRPO's constant L)
+
+    @classmethod
+    def of(cls, mask: torch.Tensor) -> "StepTotals":
+        """The totals of one `[B, L]` loss mask taken as the whole step."""
+        return cls(mask.shape[0], int(mask.sum()), mask.shape[1])
+
+
+@AGGREGATIONS.register("seq_mean_token_mean")
+def agg_seq_mean_token_mean(per_token: torch.Tensor, mask: torch.Tensor, totals: StepTotals) -> torch.Tensor:
+    """(1/G) sum_i (1/|o_i|) sum_t l_{i,t}: the V3.2 / GRPO normalisation (G = the step's sequences)."""
     per_seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-    return per_seq.sum() / (denom if denom is not None else per_token.shape[0])
+    return per_seq.sum() / max(totals.num_seqs, 1)
 
 
 @AGGREGATIONS.register("token_mean")
-def agg_token_mean(per_token: torch.Tensor, mask: torch.Tensor, denom: float | None = None) -> torch.Tensor:
-    """sum_{i,t} l_{i,t} / sum_i |o_i| (DAPO). `denom` = number of loss tokens in the whole step."""
-    total = (per_token * mask).sum()
-    return total / (denom if denom is not None else mask.sum().clamp(min=1))
+def agg_token_mean(per_token: torch.Tensor, mask: torch.Tensor, totals: StepTotals) -> torch.Tensor:
+    """sum_{i,t} l_{i,t} / sum_i |o_i| (DAPO), over the step's loss tokens."""
+    return (per_token * mask).sum() / max(totals.num_tokens, 1)
 
 
 @AGGREGATIONS.register("seq_mean_token_sum_norm")
-def agg_seq_mean_token_sum_norm(
-    per_token: torch.Tensor, mask: torch.Tensor, denom: float | None = None
-) -> torch.Tensor:
-    """Dr. GRPO: sum_{i,t} l_{i,t} / (B * L) with L the (padded) max response length, a constant per step.
+def agg_seq_mean_token_sum_norm(per_token: torch.Tensor, mask: torch.Tensor, totals: StepTotals) -> torch.Tensor:
+    """Dr. GRPO: sum_{i,t} l_{i,t} / (B * L) with L the step's (padded) max length, a constant per step."""
+    return (per_token * mask).sum() / max(totals.num_seqs * totals.max_len, 1)
 
-    `denom` = B_step * L_max for the whole step.
-    """
-    total = (per_token * mask).sum()
-    return total / (denom if denom is not None else per_token.numel())
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean of `x` over the loss tokens (a metric: a float, no gradient)."""
+    m = mask.to(x.dtype)
+    return float((x.detach() * m).sum() / m.sum().clamp(min=1))
+
+
+def mismatch_kl(logp: torch.Tensor, logp_old: torch.Tensor, mask: torch.Tensor) -> float:
+    """Train-vs-engine mismatch: the k3 estimate of KL(pi_old || pi_theta) per loss token (samples come
+    from pi_old). 0 when the learner reproduces the engine's sampling distribution exactly."""
+    d = torch.where(mask > 0, logp.detach() - logp_old, torch.zeros_like(logp_old))
+    return masked_mean(d.exp() - d - 1, mask)
 
 
 # ------------------------------------------------------------------------------------------ policy loss
-@POLICY_LOSSES.register("grpo")
-def grpo_loss(
-    logp: torch.Tensor,  # [B, L] log pi_theta of the sampled tokens (differentiable)
-    logp_old: torch.Tensor,  # [B, L] engine sampling log-probs
-    logp_ref: torch.Tensor | None,  # [B, L] reference log-probs; None when kl_coef == 0
-    advantages: torch.Tensor,  # [B]
-    loss_mask: torch.Tensor,  # [B, L]
-    *,
-    clip_eps: float = 0.2,
-    clip_eps_high: float | None = None,
-    kl_coef: float | torch.Tensor = 0.0,  # beta, a float or per sequence [B] (per-domain betas)
-    kl_estimator: str = "unbiased_k3",
-    opsm_delta: float | None = None,
-    aggregation: str = "seq_mean_token_mean",
-    denom: float | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+@dataclass(frozen=True)
+class LossInputs:
+    """What every policy loss gets (prime-rl's contract). Positions off `loss_mask` may hold any value."""
+
+    logp: torch.Tensor  # [B, L] log pi_theta of the sampled tokens (differentiable)
+    loss_mask: torch.Tensor  # [B, L] 1 on trained tokens
+    totals: StepTotals  # the step's normalisers (this batch may be one micro-batch of it)
+    logp_old: torch.Tensor | None = None  # [B, L] the engine's sampling log-probs (losses with uses_engine_samples)
+    logp_ref: torch.Tensor | None = None  # [B, L] reference log-probs; None when no sequence has beta != 0
+    advantages: torch.Tensor | None = None  # [B]
+    kl_coef: torch.Tensor | float = 0.0  # beta, a float or per sequence [B] (per-domain betas)
+
+
+@dataclass(frozen=True)
+class LossOutputs:
+    loss: torch.Tensor  # scalar: this batch's share of the step's loss
+    metrics: dict[str, float]  # means over this batch's loss tokens
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The algorithm's settings; each loss reads the fields it uses."""
+
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None  # DAPO clip-higher; None = clip_eps
+    kl_estimator: str = "unbiased_k3"
+    opsm_delta: float | None = None  # off-policy sequence masking threshold; None = off
+    aggregation: str = "seq_mean_token_mean"
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    """A registered loss and what it needs from the learner."""
+
+    fn: object  # (LossInputs, LossConfig) -> LossOutputs
+    needs_reference: bool  # the reference model's log-probs (for sequences whose beta != 0)
+    uses_engine_samples: bool  # trains on the engine's samples: pi_old, captures (routing, kept sets), temperature
+
+
+def register_loss(name: str, *, needs_reference: bool, uses_engine_samples: bool):
+    def deco(fn):
+        POLICY_LOSSES.register(name)(PolicyLoss(fn, needs_reference, uses_engine_samples))
+        return fn
+
+    return deco
+
+
+@register_loss("grpo", needs_reference=True, uses_engine_samples=True)
+def grpo_loss(x: LossInputs, cfg: LossConfig = LossConfig()) -> LossOutputs:
     """V3.2's GRPO objective, returned as a loss to minimise (its negation):
 
         L = -(1/G) sum_i (1/|o_i|) sum_t [ M_i * min(r A_i, clip(r, 1-eps, 1+eps_high) A_i) - beta * KL_t ]
 
     r = exp(logp - logp_old) with pi_old the engine's sampling probability; M_i from `opsm_mask` when
     `opsm_delta` is set (it multiplies the surrogate only, never the KL term); KL_t from `kl_estimator`.
-    `clip_eps_high` (DAPO's clip-higher) defaults to `clip_eps`. `denom` is the step-level normaliser of the
-    aggregation (see AGGREGATIONS) so micro-batches and data-parallel ranks sum to the step loss.
+    `clip_eps_high` (DAPO's clip-higher) defaults to `clip_eps`. The aggregation normalises by the step's
+    totals (see AGGREGATIONS) so micro-batches and data-parallel ranks sum to the step loss.
 
     Padding positions may hold any value, even -inf: they are replaced before the exponentials so that
-    they contribute neither value nor NaN gradient. Returns (loss, metrics); the metrics are plain floats
-    over loss tokens: clip_frac, kl (mean per-token estimate), opsm_masked_frac (of sequences), ratio_mean.
+    they contribute neither value nor NaN gradient. Metrics over loss tokens: clip_frac, kl (mean per-token
+    estimate), opsm_masked_frac (of sequences), ratio_mean, mismatch_kl (`mismatch_kl`).
     """
-    mask = loss_mask.to(logp.dtype)
+    logp, logp_old, logp_ref, advantages = x.logp, x.logp_old, x.logp_ref, x.advantages
+    mask = x.loss_mask.to(logp.dtype)
     on = mask > 0
     zero = torch.zeros_like(logp)
     log_ratio = torch.where(on, logp - logp_old, zero)
     ratio = torch.exp(log_ratio)
     adv = advantages.to(logp.dtype)[:, None]  # [B, 1]
-    hi = clip_eps if clip_eps_high is None else clip_eps_high
-    surr = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + hi) * adv)  # [B, L]
+    hi = cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high
+    surr = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - cfg.clip_eps, 1 + hi) * adv)  # [B, L]
 
     seq_mask = torch.ones_like(advantages, dtype=logp.dtype)
-    if opsm_delta is not None:
-        seq_mask = opsm_mask(advantages, logp_old, logp, mask, opsm_delta)
+    if cfg.opsm_delta is not None:
+        seq_mask = opsm_mask(advantages, logp_old, logp, mask, cfg.opsm_delta)
     per_token = -surr * seq_mask[:, None]
 
     kl = zero
-    beta = torch.as_tensor(kl_coef, dtype=logp.dtype)
+    beta = torch.as_tensor(x.kl_coef, dtype=logp.dtype, device=logp.device)
     if bool((beta != 0).any()):
         if logp_ref is None:
             raise ValueError("grpo_loss: kl_coef != 0 needs logp_ref (the reference model's log-probs)")
-        safe = lambda x: torch.where(on, x, logp.detach())  # noqa: E731  padding -> KL 0, ratio 1
-        kl = torch.where(on, kl_penalty(kl_estimator, safe(logp), safe(logp_old), safe(logp_ref)), zero)
+        safe = lambda t: torch.where(on, t, logp.detach())  # noqa: E731  padding -> KL 0, ratio 1
+        kl = torch.where(on, kl_penalty(cfg.kl_estimator, safe(logp), safe(logp_old), safe(logp_ref)), zero)
         per_token = per_token + (beta[:, None] if beta.dim() == 1 else beta) * kl
 
-    loss = AGGREGATIONS.get(aggregation)(per_token, mask, denom)
+    loss = AGGREGATIONS.get(cfg.aggregation)(per_token, mask, x.totals)
 
-    with torch.no_grad():
-        n_tok = mask.sum().clamp(min=1)
-        clipped = ((adv > 0) & (ratio > 1 + hi)) | ((adv < 0) & (ratio < 1 - clip_eps))
-        metrics = {
-            "clip_frac": float((clipped & on).sum() / n_tok),
-            "kl": float((kl.detach() * mask).sum() / n_tok),
-            "opsm_masked_frac": float(1 - seq_mask.mean()) if seq_mask.numel() else 0.0,
-            "ratio_mean": float((ratio.detach() * mask).sum() / n_tok),
-        }
-    return loss, metrics
+    clipped = ((adv > 0) & (ratio > 1 + hi)) | ((adv < 0) & (ratio < 1 - cfg.clip_eps))
+    metrics = {
+        "clip_frac": masked_mean(clipped.to(logp.dtype), mask),
+        "kl": masked_mean(kl, mask),
+        "opsm_masked_frac": float(1 - seq_mask.mean()) if seq_mask.numel() else 0.0,
+        "ratio_mean": masked_mean(ratio, mask),
+        "mismatch_kl": mismatch_kl(logp, logp_old, mask),
+    }
+    return LossOutputs(loss, metrics)
 
 
-@POLICY_LOSSES.register("sft")
-def sft_loss(
-    logp: torch.Tensor, loss_mask: torch.Tensor, *, denom: float | None = None, **_: object
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Token-mean cross-entropy on response tokens (specialist distillation). `denom` = step's token count."""
-    mask = loss_mask.to(logp.dtype)
-    nll = -torch.where(mask > 0, logp, torch.zeros_like(logp))
-    loss = agg_token_mean(nll, mask, denom)
-    return loss, {"nll": float((nll.detach() * mask).sum() / mask.sum().clamp(min=1))}
+@register_loss("sft", needs_reference=False, uses_engine_samples=False)
+def sft_loss(x: LossInputs, cfg: LossConfig = LossConfig()) -> LossOutputs:
+    """Token-mean cross-entropy on response tokens over the step's tokens (specialist distillation and SFT
+    from data). `cfg` is unused: the SFT objective has no settings."""
+    mask = x.loss_mask.to(x.logp.dtype)
+    nll = -torch.where(mask > 0, x.logp, torch.zeros_like(x.logp))
+    return LossOutputs(agg_token_mean(nll, mask, x.totals), {"nll": masked_mean(nll, mask)})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from rollout.sample import Sample
@@ -24,14 +25,100 @@ class TrainBatch:
     advantages: torch.Tensor  # [B]
     kl_coef: torch.Tensor  # [B] beta of each sample's domain
     routed_experts: torch.Tensor | None  # [B, T, layers, k] long, or None
-    kept_ids: torch.Tensor | None  # [B, T, K] long padded with -1, or None
+    kept: KeptBatch | None  # kept sets (sampling masks) of the response positions, or None
+
+
+class MissingCapture(ValueError):
+    """A sample lacks a capture (routed experts, sampling mask) that the config requires for the loss."""
+
+
+@dataclass(frozen=True)
+class KeptBatch:
+    """The kept sets of a `[B, T]` batch, flattened over its `B * T` positions and kept compact (the rows of
+    each sample's `rollout.sample.KeptSets`, at that sample's response positions). `dense(s, e)` expands
+    positions `[s, e)` into a boolean `[e - s, V]` mask for one chunk of the log-prob head; positions
+    without a set (prompt, padding) are unrestricted there (they carry no loss)."""
+
+    vocab_size: int
+    width: int  # T: position p is row p // T, column p % T
+    pos: torch.Tensor  # long [M] positions that have a set, ascending
+    id_pos: torch.Tensor  # long [nnz] position of each stored id, ascending
+    ids: torch.Tensor  # int32 [nnz] kept ids of the id-encoded rows
+    bit_pos: torch.Tensor  # long [Mb] position of each bitmap row, ascending
+    bits: torch.Tensor  # uint8 [Mb, ceil(V / 8)] bitmaps (little bit order)
+
+    @classmethod
+    def from_samples(cls, samples: list[Sample], width: int) -> "KeptBatch":
+        vocab = {s.kept.vocab_size for s in samples}
+        if len(vocab) != 1:
+            raise ValueError(f"collate: samples' kept sets have different vocabulary sizes {sorted(vocab)}")
+        V = vocab.pop()
+        W = (V + 7) // 8
+        pos, id_pos, ids, bit_pos, bits = [], [], [], [], []
+        for b, s in enumerate(samples):
+            k = s.kept
+            start = b * width + len(s.prompt_ids) - 1  # response token j is predicted at position P - 1 + j
+            rows = np.arange(len(k))
+            pos.append(start + rows)
+            row_of_byte = np.repeat(rows, np.diff(k.offsets))
+            is_bits = k.bitmap[row_of_byte]
+            sizes = np.diff(k.offsets) // 4
+            id_rows = rows[~k.bitmap]
+            ids.append(k.data[~is_bits].view("<i4").astype(np.int64))
+            id_pos.append(start + np.repeat(id_rows, sizes[id_rows]))
+            bit_pos.append(start + rows[k.bitmap])
+            bits.append(k.data[is_bits].reshape(-1, W))
+        cat = lambda xs, dt: torch.from_numpy(np.concatenate(xs).astype(dt))  # noqa: E731
+        return cls(V, width, cat(pos, np.int64), cat(id_pos, np.int64), cat(ids, np.int32), cat(bit_pos, np.int64),
+                   torch.from_numpy(np.concatenate(bits).reshape(-1, W)))
+
+    def rows(self, lo: int, hi: int) -> "KeptBatch":
+        """The batch rows `[lo, hi)` (a micro-batch)."""
+        a, b = lo * self.width, hi * self.width
+
+        def cut(p: torch.Tensor, *xs: torch.Tensor):
+            i, j = torch.searchsorted(p, torch.tensor([a, b])).tolist()
+            return (p[i:j] - a, *(x[i:j] for x in xs))
+
+        pos, = cut(self.pos)
+        id_pos, ids = cut(self.id_pos, self.ids)
+        bit_pos, bits = cut(self.bit_pos, self.bits)
+        return KeptBatch(self.vocab_size, self.width, pos, id_pos, ids, bit_pos, bits)
+
+    def dense(self, s: int, e: int, device) -> torch.Tensor:
+        """Boolean `[e - s, V]` mask of positions `[s, e)`: True = kept (or no set recorded)."""
+        bounds = torch.tensor([s, e])
+        mask = torch.ones(e - s, self.vocab_size, dtype=torch.bool, device=device)
+        i, j = torch.searchsorted(self.pos, bounds).tolist()
+        mask[(self.pos[i:j] - s).to(device)] = False
+        i, j = torch.searchsorted(self.id_pos, bounds).tolist()
+        mask[(self.id_pos[i:j] - s).to(device), self.ids[i:j].to(device).long()] = True
+        i, j = torch.searchsorted(self.bit_pos, bounds).tolist()
+        if j > i:
+            packed = self.bits[i:j].to(device)
+            shifts = torch.arange(8, dtype=torch.uint8, device=device)
+            unpacked = ((packed[:, :, None] >> shifts) & 1).bool().reshape(j - i, -1)[:, : self.vocab_size]
+            mask[(self.bit_pos[i:j] - s).to(device)] = unpacked
+        return mask
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.pos, self.id_pos, self.ids, self.bit_pos, self.bits))
 
 
 def collate(samples: list[Sample], kl_coefs: dict[str, float] | None = None, pad_id: int = 0,
-            use_sampling_mask: bool = True) -> TrainBatch:
+            use_sampling_mask: bool = True, require_routing: bool = False, require_sampling_mask: bool = False) -> TrainBatch:
     """Pad and align `samples` (see module docstring). Routing is included whenever every sample has it
-    (the learner decides whether to replay it); sampling masks only with `use_sampling_mask`."""
+    (the learner decides whether to replay it); sampling masks only with `use_sampling_mask`.
+    `require_*`: a sample without that capture raises `MissingCapture` (never a silent fallback)."""
     B = len(samples)
+    for name, need, has in (("routed_experts", require_routing, lambda s: s.routed_experts is not None),
+                            ("a sampling mask (kept sets)", require_sampling_mask, lambda s: s.kept is not None)):
+        missing = [i for i, s in enumerate(samples) if not has(s)] if need else []
+        if missing:
+            raise MissingCapture(f"{len(missing)} of {B} samples carry no {name} although the config requires it "
+                                 f"(first: sample {missing[0]}, domain {samples[missing[0]].domain!r}); the engine "
+                                 "did not capture it")
     T = max(len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     targets = torch.full((B, T), pad_id, dtype=torch.long)
@@ -39,7 +126,7 @@ def collate(samples: list[Sample], kl_coefs: dict[str, float] | None = None, pad
     loss_mask = torch.zeros((B, T))
     logp_old = torch.zeros((B, T))
     have_routing = all(s.routed_experts is not None for s in samples)
-    have_masks = [s.kept_offsets is not None for s in samples]
+    have_masks = [s.kept is not None for s in samples]
     if use_sampling_mask and any(have_masks) and not all(have_masks):
         raise ValueError("collate: some samples carry sampling masks and some do not; sampling settings must agree")
     have_masks = use_sampling_mask and all(have_masks)
@@ -48,8 +135,7 @@ def collate(samples: list[Sample], kl_coefs: dict[str, float] | None = None, pad
         layers, k = samples[0].routed_experts.shape[1:]
         routed = torch.arange(k).expand(B, T, layers, k).clone()  # padding: any valid ids
     if have_masks:
-        K = max(int((s.kept_offsets[1:] - s.kept_offsets[:-1]).max()) for s in samples if len(s.response_ids))
-        kept = torch.full((B, T, K), -1, dtype=torch.long)
+        kept = KeptBatch.from_samples(samples, T)
     for b, s in enumerate(samples):
         seq = list(s.prompt_ids) + list(s.response_ids)
         n, P, R = len(seq) - 1, len(s.prompt_ids), len(s.response_ids)
@@ -60,13 +146,6 @@ def collate(samples: list[Sample], kl_coefs: dict[str, float] | None = None, pad
         logp_old[b, P - 1 : P - 1 + R] = torch.tensor(s.logprobs, dtype=torch.float)
         if have_routing:
             routed[b, :n] = torch.as_tensor(s.routed_experts, dtype=torch.long)
-        if have_masks:
-            # Positions without a kept set (prompt, padding) get {target}: log-prob 0, gradient 0.
-            kept[b, :, 0] = targets[b]
-            for j in range(R):
-                ids = torch.as_tensor(s.kept_ids[s.kept_offsets[j] : s.kept_offsets[j + 1]], dtype=torch.long)
-                kept[b, P - 1 + j, : len(ids)] = ids
-                kept[b, P - 1 + j, len(ids) :] = -1
     betas = torch.tensor([float((kl_coefs or {}).get(s.domain, 0.0)) for s in samples])
     adv = torch.tensor([float(s.advantage) for s in samples])
     return TrainBatch(input_ids, attn, targets, loss_mask, logp_old, adv, betas, routed, kept)
@@ -80,5 +159,6 @@ def split(batch: TrainBatch, size: int) -> list[TrainBatch]:
         sl = slice(s, s + size)
         out.append(TrainBatch(*(None if v is None else v[sl] for v in (
             batch.input_ids, batch.attention_mask, batch.targets, batch.loss_mask, batch.logp_old,
-            batch.advantages, batch.kl_coef, batch.routed_experts, batch.kept_ids))))
+            batch.advantages, batch.kl_coef, batch.routed_experts)),
+            None if batch.kept is None else batch.kept.rows(s, min(s + size, B))))
     return out

@@ -18,7 +18,7 @@ Not covered: tensor/pipeline/expert parallelism, sequence packing, CPU offload o
 from __future__ import annotations
 
 import datetime
-from contextlib import nullcontext
+from contextlib import contextmanager
 import math
 import os
 import random
@@ -44,20 +44,20 @@ class LearnerConfig:
     model: str  # local HF checkpoint directory
     lr: float = 1e-5
     weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
     grad_clip: float = 1.0
     micro_batch_size: int = 8
     logprob_chunk: int = 256
-    param_dtype: str = "float32"  # bf16 on GPU for mixed precision (master weights stay fp32)
+    param_dtype: str = "float32"  # bfloat16: FSDP2 mixed precision (master weights and reductions stay fp32)
+    gradient_checkpointing: bool = False  # recompute each decoder layer in backward (activation memory)
     loss: str = "grpo"  # a POLICY_LOSSES name: grpo | sft
-    clip_eps: float = 0.2
-    clip_eps_high: float | None = None
-    kl_estimator: str = "unbiased_k3"
-    opsm_delta: float | None = None
-    aggregation: str = "seq_mean_token_mean"
-    keep_routing: bool = True
-    keep_sampling_mask: bool = True
+    loss_cfg: algos.LossConfig = algos.LossConfig()
+    keep_routing: bool = True  # replay the engine's experts (MoE)
+    keep_sampling_mask: bool = True  # renormalise pi_theta over the engine's kept sets
+    # What the config promises the engine captured: a sample of an engine-sampled loss without it is an error.
+    require_routing: bool = False
+    require_sampling_mask: bool = False
     temperature: float = 1.0  # the engine's sampling temperature (pi_old is of logits / temperature)
     kl_coefs: dict = field(default_factory=dict)  # domain -> beta; no reference model when all are 0
     seed: int = 0
@@ -89,7 +89,7 @@ class Learner:
         self.ref = None
         if any(float(b) != 0.0 for b in cfg.kl_coefs.values()):
             self.ref, self.ref_routing = self._load(trainable=False)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
                                            weight_decay=cfg.weight_decay)
         warm = max(cfg.warmup_steps, 0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / (warm + 1)))
@@ -103,60 +103,109 @@ class Learner:
         torch.manual_seed(seed)
 
     def _load(self, trainable: bool):
+        """The model, sharded with FSDP2 when there is something to shard (several ranks, or bf16 mixed
+        precision). Sharded models are built on the meta device and materialised shard by shard: rank 0 reads
+        the checkpoint into CPU memory and broadcasts it (no rank ever holds the full model on its GPU)."""
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(self.cfg.model, dtype=torch.float32)
-        maybe_install_dsa(model, self.cfg.model)  # before sharding: the indexers shard with their layers
-        model = model.to(self.device)
+        shard = self.world_size > 1 or self.cfg.param_dtype != "float32"
+        if shard:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(self.cfg.model), dtype=torch.float32)
+            maybe_install_dsa(model, self.cfg.model)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(self.cfg.model, dtype=torch.float32)
+            maybe_install_dsa(model, self.cfg.model)  # before sharding: the indexers shard with their layers
+            model = model.to(self.device)
         model.set_output_embeddings(ChunkedLogprobHead(model.get_output_embeddings()))
         routing = RoutingController(model)  # patch the routers before sharding wraps the layers
+        if trainable and self.cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # One fp32 rank has nothing to shard: FSDP2 would only copy every parameter into unsharded
         # buffers at each forward and backward (measured: 0.75x TRL's tokens/s on a 0.4B model with it).
-        if self.world_size > 1 or self.cfg.param_dtype != "float32":
+        if shard:
             mp = MixedPrecisionPolicy(param_dtype=getattr(torch, self.cfg.param_dtype), reduce_dtype=torch.float32)
             for layer in _decoder_layers(model):
                 fully_shard(layer, mp_policy=mp)
             fully_shard(model, mp_policy=mp)
+            model.to_empty(device=self.device)
+            self._load_from_rank0(model)
         if not trainable:
             model.eval().requires_grad_(False)
         else:
             model.train()
         return model, routing
 
+    def _load_from_rank0(self, model) -> None:
+        """Fill a materialised (uninitialised) sharded model from the checkpoint read by rank 0: parameters
+        through a full-state-dict broadcast, buffers (rotary tables, which no state dict holds) likewise."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from transformers import AutoModelForCausalLM
+
+        full = None
+        if self.rank == 0:
+            full = AutoModelForCausalLM.from_pretrained(self.cfg.model, dtype=torch.float32)
+            maybe_install_dsa(full, self.cfg.model)
+        set_model_state_dict(model, full.state_dict() if full is not None else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        src = dict(full.named_buffers()) if full is not None else {}
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                if full is not None:
+                    buf.copy_(src[name])
+                if self.world_size > 1:
+                    dist.broadcast(buf, 0)
+        del full
+
     # ---------------------------------------------------------------------------------------- forward
-    def _logprobs(self, model, routing, mb: TrainBatch, replay: bool):
-        """Per-position log-probs `[B, T]` of the targets, entropy `[B, T]`, and routing agreement."""
-        ids = mb.input_ids.to(self.device)
-        attn = mb.attention_mask.to(self.device)
-        recorded = mb.routed_experts is not None and routing.is_moe
-        replaying = replay and recorded
-        routed = mb.routed_experts.reshape(-1, *mb.routed_experts.shape[2:]) if recorded else None
-        kept = mb.kept_ids.to(self.device) if (self.cfg.keep_sampling_mask and mb.kept_ids is not None) else None
+    @contextmanager
+    def _routing(self, routing, mb: TrainBatch, engine_samples: bool):
+        """Replay the engine's experts (keep routing) or capture the router's own (to measure agreement)
+        around a forward *and* its backward: gradient-checkpointed layers re-run their routers in backward,
+        which must pick the same experts. Yields the recorded ids `[B*T, layers, k]`, or None."""
+        if not (engine_samples and mb.routed_experts is not None and routing.is_moe):
+            yield None
+            return
+        routed = mb.routed_experts.reshape(-1, *mb.routed_experts.shape[2:]).to(self.device)
+        with routing.replay(routed) if self.cfg.keep_routing else routing.capture():
+            yield routed
+
+    def _forward(self, model, routing, mb: TrainBatch, engine_samples: bool, routed):
+        """Per-position log-probs `[B, T]` of the targets (differentiable) and their statistics: entropy and
+        kept_mass `[B, T]`, routing agreement. Engine samples use the engine's kept sets and temperature."""
         head = model.get_output_embeddings()
-        head.request = (mb.targets.to(self.device), kept, self.cfg.logprob_chunk, self.cfg.temperature)
+        kept = mb.kept if (engine_samples and self.cfg.keep_sampling_mask) else None
+        head.request = (mb.targets.to(self.device), kept, self.cfg.logprob_chunk,
+                        self.cfg.temperature if engine_samples else 1.0)
         try:
-            # Replay forces the engine's experts; without replay the router's own choice is captured so
-            # the train/infer routing agreement is still measured.
-            ctx = routing.replay(routed.to(self.device)) if replaying else routing.capture() if recorded else nullcontext()
-            with ctx:
-                logp = model(input_ids=ids, attention_mask=attn, use_cache=False).logits  # [B, T] via the head
-            agreement = None
-            if replaying:
-                agreement = routing.agreement(routed, mb.loss_mask)
-            elif recorded:
-                routing.own_topk = list(routing.take_captured()[0].long().unbind(1))
-                agreement = routing.agreement(routed, mb.loss_mask)
+            logp = model(input_ids=mb.input_ids.to(self.device), attention_mask=mb.attention_mask.to(self.device),
+                         use_cache=False).logits  # [B, T] via the head
         finally:
             head.request = None
-        return logp, head.entropy, agreement
+        stats = {"entropy": head.entropy, "kept_mass": head.kept_mass}
+        if routed is not None:
+            if routing.mode == "capture":
+                routing.own_topk = list(routing.take_captured()[0].long().unbind(1))
+            stats["routing_agreement"] = routing.agreement(routed, mb.loss_mask)
+        return logp, stats
 
     @torch.no_grad()
     def logprobs(self, samples: list[Sample]) -> list[list[float]]:
         """The current policy's log-probs of each sample's response tokens (as the loss sees them)."""
         batch = collate(samples, use_sampling_mask=self.cfg.keep_sampling_mask)
-        logp, _, _ = self._logprobs(self.model, self.routing, batch, self.cfg.keep_routing)
+        with self._routing(self.routing, batch, True) as routed:
+            logp, _ = self._forward(self.model, self.routing, batch, True, routed)
         return [logp[b][batch.loss_mask[b] > 0].tolist() for b in range(len(samples))]
+
+    @torch.no_grad()
+    def _ref_logprobs(self, mb: TrainBatch) -> torch.Tensor:
+        """log pi_ref `[B, T]`, computed like log pi_theta: the engine's replayed experts and its kept sets.
+        The KL then compares the two policies on the same routing and the same truncated support that the
+        ratio uses, so it measures how far the weights moved, not router or truncation noise; at step 0
+        (reference == policy) it is exactly 0 (tests/rl/test_learner.py)."""
+        with self._routing(self.ref_routing, mb, True) as routed:
+            return self._forward(self.ref, self.ref_routing, mb, True, routed)[0]
 
     # ------------------------------------------------------------------------------------------- step
     def reset_reference(self) -> None:
@@ -173,11 +222,11 @@ class Learner:
         for g, f in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
             g["lr"] = lr * f(self.scheduler.last_epoch)
 
-    def train_step(self, samples: list[Sample], totals: dict, loss: str | None = None) -> dict[str, float]:
-        """One optimiser step on this rank's `samples`; `totals` holds the step's `num_seqs`,
-        `num_tokens`, `max_len` and `num_micro` over all ranks (see `step_totals`). `loss` overrides the
-        configured policy loss (the SFT stage). Returns metrics (all-reduced over ranks)."""
-        sums = self.accumulate_grads(samples, totals, loss)
+    def train_step(self, samples: list[Sample], plan: "StepPlan", loss: str | None = None) -> dict[str, float]:
+        """One optimiser step on this rank's `samples`; `plan` holds the step's totals over all ranks and
+        the number of micro-batches every rank runs (see `plan_step`). `loss` overrides the configured
+        policy loss (the SFT stage). Returns metrics (all-reduced over ranks)."""
+        sums = self.accumulate_grads(samples, plan, loss)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if math.isfinite(grad_norm):
@@ -225,50 +274,47 @@ class Learner:
         return {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().cpu().clone()
                 for n, p in self.model.named_parameters() if p.grad is not None}
 
-    def accumulate_grads(self, samples: list[Sample], totals: dict, loss: str | None = None) -> dict[str, float]:
-        """Forward + backward over this rank's micro-batches; gradients accumulate, no optimiser step."""
+    def accumulate_grads(self, samples: list[Sample], plan: "StepPlan", loss: str | None = None) -> dict[str, float]:
+        """Forward + backward over this rank's micro-batches; gradients accumulate, no optimiser step.
+        Algorithm-blind: the registered loss says what it needs (reference, engine samples)."""
         cfg = self.cfg
-        loss_name = loss or cfg.loss
+        spec = algos.POLICY_LOSSES.get(loss or cfg.loss)
+        engine = spec.uses_engine_samples
         self.model.train()
-        batch = collate(samples, cfg.kl_coefs, use_sampling_mask=cfg.keep_sampling_mask)
+        batch = collate(samples, cfg.kl_coefs, use_sampling_mask=cfg.keep_sampling_mask,
+                        require_routing=engine and cfg.require_routing,
+                        require_sampling_mask=engine and cfg.require_sampling_mask)
         micro = split(batch, cfg.micro_batch_size)
         if cfg.dsa_loss:  # the sparse stage: indexer KL on its selected set, its input detached
             keep_for_loss(self.model, True, detach_indexer_input=cfg.dsa_loss == "sparse")
         # Every rank must run the same number of forwards (FSDP collectives); pad with loss-free copies.
-        while len(micro) < totals.get("num_micro", len(micro)):
+        while len(micro) < plan.num_micro:
             micro.append(_without_loss(micro[0]))
-        denom = {"seq_mean_token_mean": totals["num_seqs"], "token_mean": totals["num_tokens"],
-                 "seq_mean_token_sum_norm": totals["num_seqs"] * totals["max_len"]}[cfg.aggregation]
-        loss_fn = algos.POLICY_LOSSES.get(loss_name)
         sums: dict[str, float] = {}
         for mb in micro:
-            logp, ent, agreement = self._logprobs(self.model, self.routing, mb, cfg.keep_routing)
             mask = mb.loss_mask.to(self.device)
+            kl_coef = mb.kl_coef.to(self.device)
+            # No reference forward for micro-batches whose every domain has beta = 0 (V3.2: math).
+            want_ref = spec.needs_reference and self.ref is not None and bool((kl_coef != 0).any())
+            logp_ref = self._ref_logprobs(mb) if want_ref else None
+            with self._routing(self.routing, mb, engine) as routed:
+                logp, stats = self._forward(self.model, self.routing, mb, engine, routed)
+                out = spec.fn(algos.LossInputs(logp, mask, plan.totals, logp_old=mb.logp_old.to(self.device),
+                                               logp_ref=logp_ref, advantages=mb.advantages.to(self.device),
+                                               kl_coef=kl_coef), cfg.loss_cfg)
+                loss, metrics = out.loss, dict(out.metrics)
+                if cfg.dsa_loss:
+                    idx_loss = DSA_LOSSES.get(cfg.dsa_loss)(layer_states(self.model), mb.attention_mask.to(self.device) > 0)
+                    # A per-micro-batch mean: weight it by the micro-batch's share of the step's sequences.
+                    loss = loss + cfg.dsa_loss_coef * idx_loss * (mb.input_ids.shape[0] / plan.totals.num_seqs)
+                    metrics["dsa_indexer_kl"] = idx_loss.item()
+                (loss * self.world_size).backward()  # FSDP2 averages gradients over ranks: undo it
+            metrics["entropy"] = algos.masked_mean(stats["entropy"], mask)
+            if mb.kept is not None and engine and cfg.keep_sampling_mask:
+                metrics["kept_mass"] = algos.masked_mean(stats["kept_mass"], mask)
+            if "routing_agreement" in stats:
+                metrics["routing_agreement"] = stats["routing_agreement"]
             n_tok = float(mask.sum())
-            if loss_name == "sft":
-                loss, metrics = loss_fn(logp, mask, denom=totals["num_tokens"])
-            else:
-                logp_ref = None
-                if self.ref is not None:
-                    with torch.no_grad():
-                        logp_ref, _, _ = self._logprobs(self.ref, self.ref_routing, mb, cfg.keep_routing)
-                old = mb.logp_old.to(self.device)
-                loss, metrics = loss_fn(logp, old, logp_ref, mb.advantages.to(self.device), mask,
-                                        clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high,
-                                        kl_coef=mb.kl_coef.to(self.device), kl_estimator=cfg.kl_estimator,
-                                        opsm_delta=cfg.opsm_delta, aggregation=cfg.aggregation, denom=denom)
-                with torch.no_grad():  # train-vs-engine mismatch: k3 estimate of KL(pi_old || pi_theta)
-                    d = torch.where(mask > 0, logp.detach() - old, torch.zeros_like(old))
-                    metrics["mismatch_kl"] = float(((d.exp() - d - 1) * mask).sum() / max(n_tok, 1))
-            if cfg.dsa_loss:
-                idx_loss = DSA_LOSSES.get(cfg.dsa_loss)(layer_states(self.model), mb.attention_mask.to(self.device) > 0)
-                # A per-micro-batch mean: weight it by the micro-batch's share of the step's sequences.
-                loss = loss + cfg.dsa_loss_coef * idx_loss * (mb.input_ids.shape[0] / totals["num_seqs"])
-                metrics["dsa_indexer_kl"] = idx_loss.item()
-            (loss * self.world_size).backward()
-            metrics["entropy"] = float((ent * mask).sum() / max(n_tok, 1))
-            if agreement is not None:
-                metrics["routing_agreement"] = agreement
             for k, v in metrics.items():  # token-weighted sums, reduced over micro-batches and ranks
                 sums[k] = sums.get(k, 0.0) + v * n_tok
             sums["loss"] = sums.get("loss", 0.0) + loss.item()
@@ -312,16 +358,18 @@ class Learner:
     def save_checkpoint(self, ckpt_dir: str, extra: dict | None = None) -> None:
         """Model, optimizer, scheduler, RNG, step, version and the caller's `extra` (data position...),
         written to a temp dir and renamed into place: a crash leaves the previous checkpoint intact."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=opts)
+        # The reference is part of the state: after distillation it is the distilled model, not the init.
+        ref_sd = get_model_state_dict(self.ref, options=opts) if self.ref is not None else None
         if self.rank == 0:
             out = Path(ckpt_dir)
             tmp = out.with_name(f".{out.name}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            torch.save({"model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(),
+            torch.save({"model": model_sd, "optimizer": optim_sd, "reference": ref_sd, "scheduler": self.scheduler.state_dict(),
                         "rng": _rng_state(), "step": self.step, "policy_version": self.policy_version,
                         "config": asdict(self.cfg), "extra": extra or {}}, tmp / "state.pt")
             (tmp / "COMPLETE").write_text("ok\n")  # written last: its presence means the state is whole
@@ -330,7 +378,7 @@ class Learner:
             dist.barrier()
 
     def load_checkpoint(self, ckpt_dir: str) -> dict:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
 
         path = Path(ckpt_dir)
         if self.rank == 0:
@@ -340,8 +388,14 @@ class Learner:
         if not (path / "COMPLETE").is_file():
             raise FileNotFoundError(f"checkpoint '{ckpt_dir}' is incomplete or missing (no COMPLETE marker)")
         state = torch.load(path / "state.pt", weights_only=False)
+        opts = StateDictOptions(full_state_dict=True)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                       options=StateDictOptions(full_state_dict=True))
+                       options=opts)
+        if self.ref is not None:
+            if state.get("reference") is None:
+                raise ValueError(f"checkpoint '{ckpt_dir}' has no reference model, but this run's KL needs one "
+                                 "(algo.kl_coef > 0): it was saved by a run without KL or by an older version")
+            set_model_state_dict(self.ref, state["reference"], options=opts)
         self.scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         self.step, self.policy_version = state["step"], state["policy_version"]
@@ -371,15 +425,15 @@ class ChunkedLogprobHead(torch.nn.Module):
     def __init__(self, linear: torch.nn.Module):
         super().__init__()
         self.weight = linear.weight
-        self.request = None  # (targets [B, T], kept ids or None, chunk size, temperature)
-        self.entropy = None
+        self.request = None  # (targets [B, T], rl.batch.KeptBatch or None, chunk size, temperature)
+        self.entropy = self.kept_mass = None  # [B, T] of the last request (no gradient)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.request is None:
             return torch.nn.functional.linear(hidden, self.weight)
         targets, kept, chunk, temperature = self.request
-        logp, self.entropy = algos.token_logprobs(hidden, self.weight, targets, chunk, kept_ids=kept,
-                                                  temperature=temperature, return_entropy=True)
+        logp, self.entropy, self.kept_mass = algos.token_logprobs(hidden, self.weight, targets, chunk, kept_ids=kept,
+                                                                  temperature=temperature, return_stats=True)
         return logp.clone()  # not a view: FSDP2 hooks the module output for backward
 
 
@@ -396,14 +450,16 @@ def _set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def step_totals(samples: list[Sample], world_size: int = 1, micro_batch_size: int = 1) -> dict:
-    """The step-level loss normalisers over all samples of the step (before splitting across ranks), and
-    the number of micro-batches the busiest rank runs."""
-    per_rank = math.ceil(len(samples) / world_size)
-    return {"num_seqs": len(samples),
-            "num_tokens": sum(sum(s.loss_mask) for s in samples),
-            "max_len": max((len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples), default=1),
-            "num_micro": math.ceil(per_rank / micro_batch_size)}
+@dataclass(frozen=True)
+class StepPlan:
+    totals: algos.StepTotals  # the loss normalisers over all samples of the step (before the split over ranks)
+    num_micro: int  # micro-batches every rank runs (the busiest rank's count; FSDP needs equal counts)
+
+
+def plan_step(samples: list[Sample], world_size: int = 1, micro_batch_size: int = 1) -> StepPlan:
+    totals = algos.StepTotals(num_seqs=len(samples), num_tokens=sum(sum(s.loss_mask) for s in samples),
+                              max_len=max((len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples), default=1))
+    return StepPlan(totals, math.ceil(math.ceil(len(samples) / world_size) / micro_batch_size))
 
 
 class LearnerGroup:
@@ -442,7 +498,7 @@ class LearnerGroup:
         if len(samples) < self.world_size:
             raise ValueError(f"train_step: {len(samples)} samples for {self.world_size} learner ranks")
         shards = _PerRank([samples[r :: self.world_size] for r in range(self.world_size)])
-        return self._all("train_step", shards, step_totals(samples, self.world_size, self.micro_batch_size), loss)[0]
+        return self._all("train_step", shards, plan_step(samples, self.world_size, self.micro_batch_size), loss)[0]
 
     def set_lr(self, lr: float) -> None:
         self._all("set_lr", lr)

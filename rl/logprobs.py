@@ -25,13 +25,28 @@ def csr_to_padded(offsets: torch.Tensor, ids: torch.Tensor, pad: int = -1) -> to
     return out
 
 
-def _as_padded(kept_ids, like: torch.Tensor) -> torch.Tensor | None:
-    """Accept None, a padded `[..., K]` tensor, or a CSR `(offsets, ids)` pair; return `[N, K]` or None."""
-    if kept_ids is None:
-        return None
+class _PaddedKept:
+    """Kept sets given as a padded `[N, K]` id tensor (-1 = padding) behind the `dense(s, e, device)`
+    interface of `rl.batch.KeptBatch` (small inputs and tests; the learner uses KeptBatch)."""
+
+    def __init__(self, padded: torch.Tensor, vocab_size: int):
+        self.padded, self.vocab_size = padded.long(), vocab_size
+
+    def dense(self, s: int, e: int, device) -> torch.Tensor:
+        k = self.padded[s:e].to(device)
+        mask = torch.zeros(e - s, self.vocab_size + 1, dtype=torch.bool, device=device)
+        mask.scatter_(1, torch.where(k < 0, self.vocab_size, k), True)  # padding lands in the spare column
+        return mask[:, : self.vocab_size]
+
+
+def _as_kept(kept_ids, n: int, vocab_size: int):
+    """None, an object with `dense(s, e, device)` (rl.batch.KeptBatch), a padded `[..., K]` tensor, or a
+    CSR `(offsets, ids)` pair -> None or an object with `dense`."""
+    if kept_ids is None or hasattr(kept_ids, "dense"):
+        return kept_ids
     if isinstance(kept_ids, (tuple, list)):
         kept_ids = csr_to_padded(*kept_ids)
-    return kept_ids.reshape(like.numel(), -1).long()
+    return _PaddedKept(kept_ids.reshape(n, -1), vocab_size)
 
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -41,44 +56,45 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, temperature: float) -> 
     return logits / temperature if temperature != 1.0 else logits
 
 
-def _kept_logits(logits: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """`[n, K]` logits of the kept ids, -inf on padding."""
-    return logits.gather(-1, kept.clamp(min=0)).masked_fill(kept < 0, float("-inf"))
-
-
 class _ChunkedTokenLogprobs(torch.autograd.Function):
     """Forward keeps only `[N]` log-probs and the `[N]` log-normalisers; backward recomputes the logits of
-    one chunk at a time and builds the chunk's gradient in place in that same buffer."""
+    one chunk at a time (and its kept-set mask) and builds the chunk's gradient in place in that buffer."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, token_ids, kept, chunk_size, temperature, want_entropy):
+    def forward(ctx, hidden, weight, token_ids, kept, chunk_size, temperature, want_stats):
         n = token_ids.numel()
         dtype = torch.promote_types(hidden.dtype, torch.float32)
         out = hidden.new_empty(n, dtype=dtype)
         lse_all = hidden.new_empty(n, dtype=dtype)
-        ent = hidden.new_zeros(n if want_entropy else 0, dtype=dtype)
+        ent = hidden.new_zeros(n if want_stats else 0, dtype=dtype)
+        mass = hidden.new_ones(n if want_stats and kept is not None else 0, dtype=dtype)
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             logits = _chunk_logits(hidden[s:e], weight, temperature)  # [n, V]
-            k = None if kept is None else kept[s:e]
-            support = logits if k is None else _kept_logits(logits, k)  # [n, V] or [n, K]
-            lse = torch.logsumexp(support, -1)
+            ids = token_ids[s:e, None]
+            if kept is not None:
+                m = kept.dense(s, e, logits.device)  # [n, V] bool
+                if want_stats:  # the policy's own mass on the kept set, before renormalising
+                    full = torch.logsumexp(logits, -1)
+                logits.masked_fill_(~m, float("-inf"))
+            lse = torch.logsumexp(logits, -1)
+            lse = lse.masked_fill(lse == float("-inf"), 0.0)  # an empty kept set: no NaN, out = -inf below
             lse_all[s:e] = lse
-            out[s:e] = logits.gather(-1, token_ids[s:e, None]).squeeze(-1) - lse
-            if k is not None:  # a token outside its kept set could not have been sampled
-                out[s:e].masked_fill_(~(k == token_ids[s:e, None]).any(-1), float("-inf"))
-            if want_entropy:  # H = lse - sum_v p_v * logit_v, for logging only
-                p = (support - lse[:, None]).exp_()
-                ent[s:e] = lse - (p * support.nan_to_num(neginf=0.0)).sum(-1)
-        ctx.save_for_backward(hidden, weight, token_ids, kept, lse_all)
-        ctx.chunk_size, ctx.temperature = chunk_size, temperature
-        ctx.mark_non_differentiable(ent)
-        return out, ent
+            out[s:e] = logits.gather(-1, ids).squeeze(-1) - lse  # -inf for a token outside its kept set
+            if want_stats:  # H = lse - sum_v p_v * logit_v, for logging only
+                p = (logits - lse[:, None]).exp_()
+                ent[s:e] = lse - (p * logits.nan_to_num(neginf=0.0)).sum(-1)
+                if kept is not None:
+                    mass[s:e] = (lse - full).exp()
+        ctx.save_for_backward(hidden, weight, token_ids, lse_all)
+        ctx.kept, ctx.chunk_size, ctx.temperature = kept, chunk_size, temperature
+        ctx.mark_non_differentiable(ent, mass)
+        return out, ent, mass
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_ent):
-        hidden, weight, token_ids, kept, lse_all = ctx.saved_tensors
-        chunk_size, temperature = ctx.chunk_size, ctx.temperature
+    def backward(ctx, grad_out, _grad_ent, _grad_mass):
+        hidden, weight, token_ids, lse_all = ctx.saved_tensors
+        kept, chunk_size, temperature = ctx.kept, ctx.chunk_size, ctx.temperature
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32)) if need_w else None
@@ -87,16 +103,13 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             e = min(s + chunk_size, n)
             h = hidden[s:e]
             logits = _chunk_logits(h, weight, temperature)
-            lse = lse_all[s:e, None]
             g = grad_out[s:e].to(logits.dtype)
             ids = token_ids[s:e, None]
-            if kept is None:
-                grad_logits = logits.sub_(lse).exp_()  # p, in the logits buffer
-            else:
-                k = kept[s:e]
-                g = g.masked_fill(~(k == ids).any(-1), 0.0)
-                pk = (_kept_logits(logits, k) - lse).exp_()
-                grad_logits = logits.zero_().scatter_add_(-1, k.clamp(min=0), pk)
+            if kept is not None:
+                m = kept.dense(s, e, logits.device)
+                logits.masked_fill_(~m, float("-inf"))  # p = 0 outside the kept set: no gradient there
+                g = g.masked_fill(~m.gather(-1, ids).squeeze(-1), 0.0)  # a token outside its set: no gradient
+            grad_logits = logits.sub_(lse_all[s:e, None]).exp_()  # p, in the logits buffer
             # d logp_tok / d logits = onehot(tok) - p ; then the 1/temperature of the logits.
             grad_logits.mul_(-g[:, None]).scatter_add_(-1, ids, g[:, None])
             if temperature != 1.0:
@@ -115,15 +128,18 @@ def token_logprobs(
     token_ids: torch.Tensor,  # [B, L] (or [N]) the tokens whose log-prob is wanted (already shifted)
     chunk_size: int = 256,
     *,
-    kept_ids=None,  # optional [B, L, K] padded with -1, or CSR (offsets, ids) over the B*L positions
+    kept_ids=None,  # optional rl.batch.KeptBatch, [B, L, K] padded with -1, or CSR (offsets, ids) over B*L positions
     temperature: float = 1.0,
     return_entropy: bool = False,
+    return_stats: bool = False,
 ):
     """log softmax(hidden @ W^T / temperature)[token] per position, chunked over positions.
 
     Equals the unchunked computation (up to float summation order); gradients flow to `hidden` and
     `lm_head_weight`. With `kept_ids` the softmax is over the kept set only (see module docstring).
-    Returns `[B, L]` log-probs (fp32, or fp64 for fp64 inputs), and the per-position entropy (no gradient) if `return_entropy`.
+    Returns `[B, L]` log-probs (fp32, or fp64 for fp64 inputs), and the per-position entropy (no gradient) if
+    `return_entropy`; `return_stats` returns `(logp, entropy, kept_mass)` where kept_mass `[B, L]` is the
+    policy's unrenormalised probability of each kept set (1 without kept sets).
     """
     if chunk_size < 1:
         raise ValueError(f"token_logprobs: chunk_size must be >= 1, got {chunk_size}")
@@ -132,10 +148,12 @@ def token_logprobs(
     ids = token_ids.reshape(-1).long()
     if h.shape[0] != ids.numel():
         raise ValueError(f"token_logprobs: hidden has {h.shape[0]} positions but token_ids has {ids.numel()}")
-    kept = _as_padded(kept_ids, ids)
-    logp, ent = _ChunkedTokenLogprobs.apply(
-        h, lm_head_weight, ids, kept, chunk_size, float(temperature), return_entropy
-    )
+    kept = _as_kept(kept_ids, ids.numel(), lm_head_weight.shape[0])
+    want = return_entropy or return_stats
+    logp, ent, mass = _ChunkedTokenLogprobs.apply(h, lm_head_weight, ids, kept, chunk_size, float(temperature), want)
+    if return_stats:
+        mass = mass.reshape(shape) if mass.numel() else torch.ones_like(logp).reshape(shape)
+        return logp.reshape(shape), ent.reshape(shape), mass
     return (logp.reshape(shape), ent.reshape(shape)) if return_entropy else logp.reshape(shape)
 
 
@@ -150,8 +168,6 @@ def sampling_mask_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, kept_i
     flat = logits.reshape(-1, logits.shape[-1])
     flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
     ids = token_ids.reshape(-1, 1).long()
-    kept = _as_padded(kept_ids, ids)
-    lse = torch.logsumexp(_kept_logits(flat, kept), -1)
-    out = flat.gather(-1, ids).squeeze(-1) - lse
-    in_set = (kept == ids).any(-1)
-    return torch.where(in_set, out, torch.full_like(out, float("-inf"))).reshape(token_ids.shape)
+    m = _as_kept(kept_ids, ids.shape[0], flat.shape[-1]).dense(0, ids.shape[0], flat.device)
+    masked = flat.masked_fill(~m, float("-inf"))
+    return (masked.gather(-1, ids).squeeze(-1) - torch.logsumexp(masked, -1)).reshape(token_ids.shape)

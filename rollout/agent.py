@@ -40,7 +40,7 @@ from typing import Callable
 import numpy as np
 
 from rewards.registry import Registry
-from rollout.sample import Sample, Status
+from rollout.sample import KeptSets, Sample, Status
 
 TOOLS: Registry = Registry("tool")
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
@@ -157,7 +157,7 @@ class _Segment:
     response: list[int] = field(default_factory=list)
     loss_mask: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
-    kept: list[list[int]] | None = None  # per response token, when the engine returns sampling masks
+    kept: list[KeptSets] | None = None  # per engine call (+ tool tokens), when the engine returns sampling masks
     routed: np.ndarray | None = None  # [positions run so far, layers, k], when the engine returns routing
     version: int | None = None
 
@@ -166,11 +166,10 @@ class _Segment:
         self.response += ids
         self.loss_mask += [int(trained)] * len(ids)
         self.logprobs += logprobs if trained else [0.0] * len(ids)
-        if sample is not None and sample.kept_offsets is not None:
-            o, k = sample.kept_offsets, sample.kept_ids
-            self.kept = (self.kept or []) + [k[o[i] : o[i + 1]].tolist() for i in range(len(ids))]
-        elif self.kept is not None:
-            self.kept += [[t] for t in ids]  # tool tokens: nothing sampled, nothing trained
+        if sample is not None and sample.kept is not None:
+            self.kept = (self.kept or []) + [sample.kept.take(len(ids))]
+        elif self.kept is not None:  # tool tokens: nothing sampled, nothing trained
+            self.kept.append(KeptSets.from_lists([[t] for t in ids], self.kept[0].vocab_size))
         if sample is not None:
             self.version = sample.policy_version if self.version is None else min(self.version, sample.policy_version)
             if sample.routed_experts is not None:  # keep rows already recorded; take the new positions
@@ -186,9 +185,7 @@ class _Segment:
                    loss_mask=self.loss_mask[:last], status=status, finish_reason=finish_reason,
                    policy_version=self.version or 0)
         if self.kept is not None:
-            from rollout.sample import kept_lists_to_csr
-
-            s.kept_offsets, s.kept_ids = kept_lists_to_csr(self.kept[:last])
+            s.kept = KeptSets.concat(self.kept).take(last)
         if self.routed is not None:
             s.routed_experts = self.routed[: len(self.context) + last - 1]
         return s

@@ -18,7 +18,7 @@ import torch
 
 from rollout.engine import ENGINES, EngineConfig, SamplingConfig, check_model_dir
 from rollout.routing import RoutingController
-from rollout.sample import Sample, Status
+from rollout.sample import KeptSets, Sample, Status
 from rollout.sampling import process_logits, truncates
 
 
@@ -45,6 +45,7 @@ class ReferenceEngine:
         eos = self.model.config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
         self.pad_id = self.model.config.pad_token_id or 0
+        self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
 
     def update_weights(self, path: str, version: int) -> None:
         """Copy the weights of the HF checkpoint at `path` into the running model (exact)."""
@@ -128,8 +129,6 @@ class ReferenceEngine:
             decode = [c[b : b + 1] for c in calls[1:R]]  # the response tokens fed back, all but the last
             s.routed_experts = torch.cat([prefill, *decode]).numpy()
         if kept:
-            sets = [kept[t][b] for t in range(R)]
-            s.kept_offsets = np.concatenate([[0], np.cumsum([len(x) for x in sets])]).astype(np.int64)
-            s.kept_ids = np.concatenate(sets).astype(np.int64) if sets else np.zeros(0, dtype=np.int64)
+            s.kept = KeptSets.from_lists([kept[t][b] for t in range(R)], self.vocab_size)
         s.validate()
         return s

@@ -18,7 +18,7 @@ import os
 import numpy as np
 
 from rollout.engine import ENGINES, EngineConfig, SamplingConfig, check_model_dir
-from rollout.sample import Sample, Status, kept_lists_to_csr
+from rollout.sample import KeptSets, Sample, Status
 
 # Defaults that make vLLM usable on a small CPU machine; an explicit environment value wins.
 CPU_ENV_DEFAULTS = {
@@ -157,10 +157,10 @@ class VLLMEngine:
             s.routed_experts = np.asarray(routed)
         mask = getattr(c, "sampling_mask", None)  # vLLM >= 0.28: kept token ids per generated token
         if mask is not None:
-            s.kept_offsets, s.kept_ids = kept_lists_to_csr(mask.token_ids)
+            s.kept = KeptSets.from_lists(mask.token_ids, self.vocab_size)
         elif self.mask_from_logprobs:  # the support of the processed distribution
-            s.kept_offsets, s.kept_ids = kept_lists_to_csr(
-                [[t for t, lp in d.items() if lp.logprob > float("-inf")] for d in c.logprobs])
+            s.kept = KeptSets.from_lists(
+                [[t for t, lp in d.items() if lp.logprob > float("-inf")] for d in c.logprobs], self.vocab_size)
         s.validate()
         return s
 

@@ -12,6 +12,14 @@ from rl.algos import compute_advantages, grpo_advantages, grpo_loss, kl_penalty,
 NAN = float("nan")
 
 
+
+def _grpo(logp, logp_old, logp_ref, adv, mask, *, kl_coef=0.0, totals=None, **cfg):
+    """grpo_loss through the loss contract; `totals` defaults to this batch as the whole step."""
+    x = algos.LossInputs(logp, mask, totals or algos.StepTotals.of(mask), logp_old=logp_old, logp_ref=logp_ref,
+                         advantages=adv, kl_coef=kl_coef)
+    out = grpo_loss(x, algos.LossConfig(**cfg))
+    return out.loss, out.metrics
+
 # ----------------------------------------------------------------------------------------- advantages
 def test_advantages_golden():
     r = torch.tensor([[1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0], [NAN, 1.0, 0.0, NAN], [NAN, 2.0, NAN, NAN]])
@@ -121,7 +129,7 @@ def test_opsm_masks_surrogate_not_kl():
     adv = torch.tensor([-1.0, 1.0], dtype=torch.float64)
     mask = torch.ones(B, L, dtype=torch.float64)
     kw = dict(kl_coef=beta, opsm_delta=0.5, clip_eps=10.0)  # wide clip: keep the surrogate gradient alive
-    loss, metrics = grpo_loss(logp, logp_old, logp_ref, adv, mask, **kw)
+    loss, metrics = _grpo(logp, logp_old, logp_ref, adv, mask, **kw)
     (grad,) = torch.autograd.grad(loss, logp)
     assert metrics["opsm_masked_frac"] == 0.5
     # Sequence 0 is masked: its gradient is the KL term's alone, ratio * (logp - logp_ref) * beta / (|o| B).
@@ -165,7 +173,7 @@ def test_grpo_loss_matches_loop(delta):
     mask[0] = 0  # a fully masked sequence
     logp_old[1::2] += 0.2  # every other sequence drifted off-policy
     kw = dict(clip_eps=0.2, clip_eps_high=0.28, kl_coef=0.05, opsm_delta=delta)
-    loss, metrics = grpo_loss(logp, logp_old, logp_ref, adv, mask, **kw)
+    loss, metrics = _grpo(logp, logp_old, logp_ref, adv, mask, **kw)
     ref = _grpo_loss_loop(logp, logp_old, logp_ref, adv, mask, 0.2, 0.28, 0.05, delta)
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
     (g1,) = torch.autograd.grad(loss, logp)
@@ -182,7 +190,7 @@ def test_step0_identity_is_plain_policy_gradient():
     adv = torch.tensor([1.0, -0.5, 0.25], dtype=torch.float64)
     mask = torch.ones(B, L, dtype=torch.float64)
     mask[2, 3:] = 0
-    loss, m = grpo_loss(logp, same, same, adv, mask, kl_coef=0.1, opsm_delta=0.0)
+    loss, m = _grpo(logp, same, same, adv, mask, kl_coef=0.1, opsm_delta=0.0)
     assert m["ratio_mean"] == pytest.approx(1.0, abs=1e-12) and m["kl"] == 0.0
     assert m["clip_frac"] == 0.0 and m["opsm_masked_frac"] == 0.0
     (grad,) = torch.autograd.grad(loss, logp)
@@ -194,7 +202,7 @@ def test_padding_with_inf_and_empty_sequences_are_finite():
     logp = torch.tensor([[-1.0, -float("inf")], [-float("inf"), -float("inf")]], requires_grad=True)
     old = torch.tensor([[-1.2, 0.0], [0.0, 0.0]])
     mask = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
-    loss, metrics = grpo_loss(logp, old, old, torch.tensor([1.0, -1.0]), mask, kl_coef=0.1, opsm_delta=0.1)
+    loss, metrics = _grpo(logp, old, old, torch.tensor([1.0, -1.0]), mask, kl_coef=0.1, opsm_delta=0.1)
     loss.backward()
     assert torch.isfinite(loss) and all(math.isfinite(v) for v in metrics.values())
     assert torch.isfinite(logp.grad).all() and logp.grad[1].abs().sum() == 0 and logp.grad[0, 1] == 0
@@ -203,9 +211,9 @@ def test_padding_with_inf_and_empty_sequences_are_finite():
 def test_clip_fraction_golden():
     logp = torch.log(torch.tensor([[1.5, 1.0, 0.5, 1.1]])) + math.log(0.1)  # ratios 1.5, 1.0, 0.5, 1.1
     old = torch.full((1, 4), math.log(0.1))
-    _, m = grpo_loss(logp, old, None, torch.tensor([1.0]), torch.ones(1, 4), clip_eps=0.2)
+    _, m = _grpo(logp, old, None, torch.tensor([1.0]), torch.ones(1, 4), clip_eps=0.2)
     assert m["clip_frac"] == 0.25  # only 1.5 is clipped for A > 0 (0.5 is below 1-eps but unclipped by min)
-    _, m = grpo_loss(logp, old, None, torch.tensor([-1.0]), torch.ones(1, 4), clip_eps=0.2)
+    _, m = _grpo(logp, old, None, torch.tensor([-1.0]), torch.ones(1, 4), clip_eps=0.2)
     assert m["clip_frac"] == 0.25  # only 0.5 for A < 0
 
 
@@ -217,9 +225,9 @@ def test_micro_batches_sum_to_step_loss(aggregation):
     old = logp + 0.1 * torch.randn(B, L, generator=g, dtype=torch.float64)
     adv = torch.randn(B, generator=g, dtype=torch.float64)
     mask = (torch.rand(B, L, generator=g) < 0.7).double()
-    full, _ = grpo_loss(logp, old, None, adv, mask, aggregation=aggregation)
-    denom = {"seq_mean_token_mean": B, "token_mean": mask.sum().item(), "seq_mean_token_sum_norm": B * L}[aggregation]
-    parts = [grpo_loss(logp[s], old[s], None, adv[s], mask[s], aggregation=aggregation, denom=denom)[0]
+    full, _ = _grpo(logp, old, None, adv, mask, aggregation=aggregation)
+    totals = algos.StepTotals(B, int(mask.sum()), L)
+    parts = [_grpo(logp[s], old[s], None, adv[s], mask[s], aggregation=aggregation, totals=totals)[0]
              for s in (slice(0, 3), slice(3, 5), slice(5, 8))]
     torch.testing.assert_close(sum(parts), full, rtol=1e-12, atol=1e-12)
 
@@ -227,7 +235,8 @@ def test_micro_batches_sum_to_step_loss(aggregation):
 def test_sft_loss_is_token_mean_nll():
     logp = torch.tensor([[-1.0, -2.0, -9.0], [-3.0, -9.0, -9.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
-    loss, m = algos.POLICY_LOSSES.get("sft")(logp, mask)
+    out = algos.POLICY_LOSSES.get("sft").fn(algos.LossInputs(logp, mask, algos.StepTotals.of(mask)))
+    loss, m = out.loss, out.metrics
     assert loss.item() == pytest.approx(2.0) and m["nll"] == pytest.approx(2.0)
 
 
@@ -237,7 +246,7 @@ def test_unknown_names_list_supported():
     with pytest.raises(ValueError, match=r"Unsupported kl estimator 'k4'. Supported: \['k1', 'k2', 'k3', 'unbiased_k3'\]"):
         kl_penalty("k4", t, t, t)
     with pytest.raises(ValueError, match=r"Unsupported loss aggregation 'nope'. Supported: \["):
-        grpo_loss(t, t, None, torch.zeros(1), t, aggregation="nope")
+        _grpo(t, t, None, torch.zeros(1), t, aggregation="nope")
     with pytest.raises(ValueError, match=r"Unsupported advantage estimator 'ppo'"):
         compute_advantages("ppo", t)
 
@@ -254,7 +263,7 @@ def test_per_sequence_beta_equals_separate_calls():
     ref = logp + 0.1 * torch.randn(4, 5, generator=g, dtype=torch.float64)
     adv, mask = torch.randn(4, generator=g, dtype=torch.float64), torch.ones(4, 5, dtype=torch.float64)
     beta = torch.tensor([0.0, 0.0, 0.1, 0.1], dtype=torch.float64)  # e.g. math (beta 0) and chat (beta 0.1)
-    both, _ = grpo_loss(logp, old, ref, adv, mask, kl_coef=beta)
-    a, _ = grpo_loss(logp[:2], old[:2], ref[:2], adv[:2], mask[:2], kl_coef=0.0, denom=4)
-    b, _ = grpo_loss(logp[2:], old[2:], ref[2:], adv[2:], mask[2:], kl_coef=0.1, denom=4)
+    both, _ = _grpo(logp, old, ref, adv, mask, kl_coef=beta)
+    a, _ = _grpo(logp[:2], old[:2], ref[:2], adv[:2], mask[:2], kl_coef=0.0, totals=algos.StepTotals(4, 20, 5))
+    b, _ = _grpo(logp[2:], old[2:], ref[2:], adv[2:], mask[2:], kl_coef=0.1, totals=algos.StepTotals(4, 20, 5))
     torch.testing.assert_close(both, a + b, rtol=1e-12, atol=1e-12)

@@ -96,8 +96,8 @@ def test_engine_and_learner_agree_with_dsa(dsa_model_dir):
     assert err < 1e-5, err
     for s in samples:
         s.advantage = 1.0
-    from rl.learner import step_totals
+    from rl.learner import plan_step
 
-    m = learner.train_step(samples, step_totals(samples, 1, 8))
+    m = learner.train_step(samples, plan_step(samples, 1, 8))
     assert m["dsa_indexer_kl"] > 0 and torch.isfinite(torch.tensor(m["loss"]))
     learner.shutdown()

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
-from rl.learner import Learner, LearnerConfig, LearnerGroup, _PerRank, step_totals
+from rl.algos import LossConfig
+from rl.learner import Learner, LearnerConfig, LearnerGroup, _PerRank, plan_step
 from rollout.engine import EngineConfig, SamplingConfig
 from rollout.reference_engine import ReferenceEngine
 
@@ -27,7 +29,8 @@ def moe_samples(tiny_moe):
 @pytest.fixture(scope="module")
 def learner(tiny_moe):
     """One in-process rank (world size 1, gloo), shared by the single-process tests."""
-    cfg = LearnerConfig(model=tiny_moe, temperature=SAMPLING.temperature, kl_coefs={"default": 0.1}, opsm_delta=0.5)
+    cfg = LearnerConfig(model=tiny_moe, temperature=SAMPLING.temperature, kl_coefs={"default": 0.1},
+                        loss_cfg=LossConfig(opsm_delta=0.5))
     return Learner(cfg)
 
 
@@ -36,7 +39,7 @@ def test_step0_identity(learner, moe_samples):
     lp = learner.logprobs(moe_samples)
     err = max(abs(a - b) for s, l in zip(moe_samples, lp) for a, b in zip(s.logprobs, l))
     assert err < 1e-6, err
-    sums = learner.accumulate_grads(moe_samples, step_totals(moe_samples, 1, learner.cfg.micro_batch_size))
+    sums = learner.accumulate_grads(moe_samples, plan_step(moe_samples, 1, learner.cfg.micro_batch_size))
     learner.optimizer.zero_grad(set_to_none=True)
     tokens = sums["_tokens"]
     assert abs(sums["ratio_mean"] / tokens - 1) < 1e-6 and sums["kl"] / tokens < 1e-8
@@ -66,7 +69,7 @@ def test_replay_forces_recorded_experts_and_router_gets_gradient(learner, moe_sa
     orig = qm.Qwen3MoeExperts.forward
     qm.Qwen3MoeExperts.forward = lambda self, h, idx, w: (used.append(idx.clone()), orig(self, h, idx, w))[1]
     try:
-        sums = learner.accumulate_grads(forced, step_totals(forced, 1, 8))
+        sums = learner.accumulate_grads(forced, plan_step(forced, 1, 8))
     finally:
         qm.Qwen3MoeExperts.forward = orig
     T = max(len(s.prompt_ids) + len(s.response_ids) - 1 for s in forced)
@@ -84,7 +87,7 @@ def test_replay_forces_recorded_experts_and_router_gets_gradient(learner, moe_sa
 
 def test_agreement_is_logged_without_replay(tiny_moe, moe_samples):
     off = Learner(LearnerConfig(model=tiny_moe, temperature=SAMPLING.temperature, keep_routing=False))
-    sums = off.accumulate_grads(moe_samples, step_totals(moe_samples, 1, 8))
+    sums = off.accumulate_grads(moe_samples, plan_step(moe_samples, 1, 8))
     assert sums["routing_agreement"] / sums["_tokens"] == 1.0  # same weights: the router agrees everywhere
 
 
@@ -93,14 +96,15 @@ def test_two_ranks_equal_one_rank_and_resume_is_exact(ray_cluster, tiny_moe, moe
     """1 process x 4 micro-batches == 2 processes x 2 micro-batches (gradients); training on a fixed batch
     lowers the loss; resuming from a checkpoint reproduces the next step's loss exactly."""
     samples = moe_samples[:16]
-    base = dict(model=tiny_moe, temperature=SAMPLING.temperature, lr=3e-3, kl_coefs={"default": 0.05}, opsm_delta=1.0)
+    base = dict(model=tiny_moe, temperature=SAMPLING.temperature, lr=3e-3, kl_coefs={"default": 0.05},
+                loss_cfg=LossConfig(opsm_delta=1.0))
     one = LearnerGroup(LearnerConfig(micro_batch_size=4, **base), world_size=1)
     two = LearnerGroup(LearnerConfig(micro_batch_size=4, **base), world_size=2)
     try:
-        one._all("accumulate_grads", _PerRank([samples]), step_totals(samples, 1, 4))
+        one._all("accumulate_grads", _PerRank([samples]), plan_step(samples, 1, 4))
         g1 = one._all("full_grads")[0]
         shards = _PerRank([samples[r::2] for r in range(2)])
-        two._all("accumulate_grads", shards, step_totals(samples, 2, 4))
+        two._all("accumulate_grads", shards, plan_step(samples, 2, 4))
         g2 = two._all("full_grads")[0]
         assert g1.keys() == g2.keys()
         for k in g1:
@@ -117,3 +121,97 @@ def test_two_ranks_equal_one_rank_and_resume_is_exact(ray_cluster, tiny_moe, moe
     finally:
         one.shutdown()
         two.shutdown()
+
+
+def _forced_routing(samples, seed=0):
+    """Copies whose recorded experts are random pairs the router would not pick (replay must win)."""
+    rng = np.random.default_rng(seed)
+    out = [copy.deepcopy(s) for s in samples]
+    for s in out:
+        s.routed_experts = np.stack([rng.permutation(8)[:2] for _ in range(s.routed_experts.shape[0] * 2)]).reshape(
+            s.routed_experts.shape).astype(np.int16)
+    return out
+
+
+def test_reference_logprobs_use_replayed_experts_and_kept_sets(learner, moe_samples):
+    """pi_ref is computed like pi_theta (replayed experts, kept sets): with reference == policy it equals
+    log pi_theta exactly even where the recorded experts are not the router's own choice."""
+    from rl.batch import collate
+
+    forced = _forced_routing(moe_samples[:4])
+    batch = collate(forced, {"default": 0.1})
+    learner.reset_reference()
+    with learner._routing(learner.routing, batch, True) as routed:
+        logp, _ = learner._forward(learner.model, learner.routing, batch, True, routed)
+    ref = learner._ref_logprobs(batch)
+    on = batch.loss_mask > 0
+    assert torch.equal(ref[on], logp.detach()[on])
+    own_router = copy.copy(learner)  # the reference's own router would have given other log-probs
+    own_router.cfg = dataclasses.replace(learner.cfg, keep_routing=False)
+    assert not torch.allclose(own_router._ref_logprobs(batch)[on], ref[on])
+
+
+def test_missing_capture_is_an_error(tiny_moe, moe_samples):
+    from rl.batch import MissingCapture
+
+    strict = Learner(LearnerConfig(model=tiny_moe, temperature=SAMPLING.temperature, require_routing=True,
+                                   require_sampling_mask=True))
+    no_routing = copy.deepcopy(moe_samples[:4])
+    no_routing[2].routed_experts = None
+    with pytest.raises(MissingCapture, match=r"1 of 4 samples carry no routed_experts .* sample 2"):
+        strict.accumulate_grads(no_routing, plan_step(no_routing, 1, 8))
+    no_mask = copy.deepcopy(moe_samples[:4])
+    no_mask[0].kept = None
+    with pytest.raises(MissingCapture, match=r"no a sampling mask|sampling mask"):
+        strict.accumulate_grads(no_mask, plan_step(no_mask, 1, 8))
+    # SFT trains on demonstrations, not engine samples: nothing is required there.
+    strict.accumulate_grads(no_routing, plan_step(no_routing, 1, 8), loss="sft")
+    strict.zero_grads()
+
+
+def test_gradient_checkpointing_replays_the_same_experts_in_backward(tiny_moe, moe_samples):
+    """Checkpointed layers re-run their routers in backward: the gradients must equal the plain run's."""
+    forced = _forced_routing(moe_samples[:4], seed=1)
+    grads = []
+    for ckpt in (False, True):
+        lrn = Learner(LearnerConfig(model=tiny_moe, temperature=SAMPLING.temperature, gradient_checkpointing=ckpt))
+        lrn.accumulate_grads(forced, plan_step(forced, 1, 8))
+        grads.append(lrn.full_grads())
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_meta_device_bf16_load_equals_the_checkpoint(tiny_moe, moe_samples):
+    """bf16 mixed precision shards a model built on the meta device and filled from rank 0: the fp32
+    master weights equal the checkpoint's and the log-probs match the fp32 learner to bf16 precision
+    (wrong rotary buffers would not)."""
+    from transformers import AutoModelForCausalLM
+
+    bf16 = Learner(LearnerConfig(model=tiny_moe, temperature=SAMPLING.temperature, param_dtype="bfloat16"))
+    want = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32).state_dict()
+    got = bf16.full_state_dict()
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.equal(got[k].float(), want[k]), k
+    fp32 = Learner(LearnerConfig(model=tiny_moe, temperature=SAMPLING.temperature))
+    a, b = fp32.logprobs(moe_samples[:4]), bf16.logprobs(moe_samples[:4])
+    err = max(abs(x - y) for u, v in zip(a, b) for x, y in zip(u, v))
+    assert err < 0.1, err
+
+
+def test_resume_restores_the_distilled_reference(tiny_moe, moe_samples, tmp_path):
+    """After SFT the reference is reset to the distilled policy; a resumed run must anchor its KL there,
+    not to the initial weights (the checkpoint carries the reference)."""
+    cfg = LearnerConfig(model=tiny_moe, temperature=SAMPLING.temperature, lr=1e-2, kl_coefs={"default": 0.1})
+    first = Learner(cfg)
+    sft = copy.deepcopy(moe_samples[:8])
+    first.train_step(sft, plan_step(sft, 1, 8), loss="sft")
+    first.reset_reference()
+    first.save_checkpoint(str(tmp_path / "ckpt"))
+    resumed = Learner(cfg)
+    resumed.load_checkpoint(str(tmp_path / "ckpt"))
+    init = Learner(LearnerConfig(model=tiny_moe)).model.state_dict()
+    ref = resumed.ref.state_dict()
+    assert all(torch.equal(ref[k], v) for k, v in first.ref.state_dict().items())
+    assert any(not torch.equal(ref[k], init[k]) for k in init)

@@ -73,7 +73,7 @@ def test_episode_runs_tools_and_trains_on_what_the_engine_saw(tiny_dense, tmp_pa
     the episode's token stream so far."""
     from transformers import AutoTokenizer
 
-    from rl.learner import Learner, LearnerConfig, step_totals
+    from rl.learner import Learner, LearnerConfig, plan_step
     from rollout.engine import EngineConfig, SamplingConfig
     from rollout.reference_engine import ReferenceEngine
     from rollout.sample import Sample, Status
@@ -85,7 +85,7 @@ def test_episode_runs_tools_and_trains_on_what_the_engine_saw(tiny_dense, tmp_pa
     s = Sample(prompt_ids=prompt, response_ids=resp, logprobs=[0.0] * len(resp), loss_mask=[1] * len(resp), status=Status.COMPLETED)
     learner = Learner(LearnerConfig(model=tiny_dense, lr=3e-3))
     for _ in range(60):
-        learner.train_step([s] * 4, step_totals([s] * 4), loss="sft")
+        learner.train_step([s] * 4, plan_step([s] * 4), loss="sft")
     learner.export_hf(str(tmp_path / "agent"))
     learner.shutdown()
 

@@ -49,13 +49,13 @@ def test_logprobs_routing_and_masks_are_exact(ref_moe, tiny_moe, temperature, to
         assert np.array_equal(np.sort(s.routed_experts, -1), np.sort(routed.numpy(), -1))
         if top_k or top_p < 1:
             for t in range(len(s.response_ids)):
-                got = set(s.kept_ids[s.kept_offsets[t] : s.kept_offsets[t + 1]].tolist())
+                got = set(s.kept.row(t).tolist())
                 assert got == set(torch.isfinite(processed[t]).nonzero().squeeze(-1).tolist())
                 assert s.response_ids[t] in got
                 if top_k:
                     assert len(got) <= top_k
         else:
-            assert s.kept_offsets is None
+            assert s.kept is None
 
 
 def test_top_p_matches_definition():

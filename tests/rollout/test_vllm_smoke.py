@@ -70,7 +70,7 @@ def test_sampling_mask_from_processed_logprobs(ray_cluster, tiny_dense):
             logits = model(torch.tensor([s.prompt_ids + s.response_ids])).logits[0, len(s.prompt_ids) - 1 : -1]
         support = torch.isfinite(process_logits(logits, 0.9, 50, 0.8))
         for t in range(len(s.response_ids)):
-            kept = set(s.kept_ids[s.kept_offsets[t] : s.kept_offsets[t + 1]].tolist())
+            kept = set(s.kept.row(t).tolist())
             assert kept == set(support[t].nonzero().squeeze(-1).tolist()) and s.response_ids[t] in kept
             checked += 1
     assert checked >= 12
