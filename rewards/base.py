@@ -1,16 +1,24 @@
 """The scorer contract, its registry, and the failure counter.
 
-A scorer is `fn(completions: list[str], **row_fields) -> list[float | None]` (TRL's reward-function
-contract): every row field is a list aligned with `completions` (the data row's `answer`, `tests`,
-`language`, ... and the pipeline's `num_tokens`, `truncated`, `prompt`). `None` means the scorer abstains
-for that completion: the sample is excluded from the advantage and the abstention is counted, never
-turned into 0. Scorer options (limits, weights of sub-checks, the judge's endpoint) are bound with
-`functools.partial` from the reward spec's `args`.
+A scorer is TRL's reward function: called with keyword arguments `completions` (list[str]), `prompts`,
+`completion_ids` and the row's columns, it returns `list[float | None]`. Every row field is a list aligned
+with `completions` (the data row's `answer`, `tests`, `language`, ... and the pipeline's `prompt` (the
+user text), `num_tokens`, `truncated`). So a function written for TRL's `GRPOTrainer(reward_funcs=...)`
+runs unchanged, and so does ours, `fn(completions, **row_fields)`: `call_scorer` passes `completions`
+positionally when the first parameter has another name, and only the row fields a function names when it
+takes no `**kwargs`. Deviation from TRL: completions are always text (TRL passes message lists for
+conversational datasets); `prompts` are the rows' prompts as in the data (a string or chat messages).
+
+`None` means the scorer abstains for that completion: the sample is excluded from the advantage and the
+abstention is counted, never turned into 0. Scorer options (limits, weights of sub-checks, the judge's
+endpoint) are bound with `functools.partial` from the reward spec's `args`.
 """
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
+import numbers
 import os
 import re
 import threading
@@ -90,7 +98,7 @@ def check_scores(name: str, scores, n: int) -> list[float | None]:
         if s is None:
             out.append(None)
             continue
-        if isinstance(s, bool) or not isinstance(s, (int, float)):
+        if isinstance(s, bool) or not isinstance(s, numbers.Real):  # numbers.Real: numpy floats too
             raise ScorerError(f"scorer '{name}' returned {s!r} at index {i}; expected a float or None")
         if not math.isfinite(s):
             record_event(name, "nonfinite")
@@ -106,7 +114,26 @@ def call_scorer(name: str, fn: Scorer, completions: list[str], **row_fields) -> 
         if not isinstance(col, (list, tuple)) or len(col) != len(completions):
             got = len(col) if isinstance(col, (list, tuple)) else type(col).__name__
             raise ScorerError(f"scorer '{name}': row field '{key}' must be a list of {len(completions)}, got {got}")
-    return check_scores(name, fn(completions, **row_fields), len(completions))
+    args, kwargs = bind_arguments(fn, completions, row_fields)
+    return check_scores(name, fn(*args, **kwargs), len(completions))
+
+
+def bind_arguments(fn: Scorer, completions: list[str], row_fields: dict) -> tuple[tuple, dict]:
+    """TRL's keyword call (`prompts`, `completions`, `completion_ids`, the columns), fitted to `fn`'s
+    signature (see the module docstring). `prompts` defaults to the `prompt` row field."""
+    kwargs = dict(row_fields)
+    if "prompt" in kwargs:
+        kwargs.setdefault("prompts", kwargs["prompt"])
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a callable without a signature: our positional contract
+        return (completions,), kwargs
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in params and params[k].kind is not params[k].POSITIONAL_ONLY}
+    comp = params.get("completions")
+    if comp is not None and comp.kind in (comp.POSITIONAL_OR_KEYWORD, comp.KEYWORD_ONLY):
+        return (), {**kwargs, "completions": completions}
+    return (completions,), kwargs
 
 
 _THINK_END = "</think>"

@@ -5,6 +5,10 @@ the limit is enforced on a forked child process that is killed when it overruns.
 child (fast path); if that child times out or crashes, the batch is re-scored one completion per child so
 that only the culprit gets None. Every None produced here is counted in `rewards.base.EVENTS`.
 
+A scorer that raises gets its traceback printed to stderr once per scorer name and process (the first
+one; later ones are only counted as `<scorer>:exception`), so a bug in a reward function is seen at once
+rather than as a rising abstention count.
+
 `ScoringPool` is the in-process executor (tests, laptops, inside a Ray actor); `RayScoringPool` spreads
 batches over Ray actors that each hold a `ScoringPool`.
 """
@@ -14,6 +18,8 @@ import functools
 import multiprocessing as mp
 import os
 import signal
+import sys
+import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -84,14 +90,31 @@ def call_with_timeout(fn, args: tuple, kwargs: dict, timeout_s: float) -> CallRe
         proc.join()
 
 
+_SHOWN: set[str] = set()  # scorers whose first traceback was printed
+_SHOWN_LOCK = threading.Lock()
+
+
+def show_first_traceback(name: str, tb: str) -> None:
+    """Print a scorer's traceback to stderr the first time it raises in this process."""
+    with _SHOWN_LOCK:
+        if name in _SHOWN:
+            return
+        _SHOWN.add(name)
+    print(f"rewards: scorer '{name}' raised; its completions get None (abstain), counted as events/{name}:exception. "
+          f"First traceback (later ones are only counted):\n{tb.rstrip()}", file=sys.stderr, flush=True)
+
+
 class ScoringPool:
     """Scores batches against reward specs with a per-call time limit.
 
-    `timeout_s` bounds one scorer call on one completion (a batch of n gets n * timeout_s on the fast path).
-    `isolate=False` calls scorers in-process without any limit (for debugging with breakpoints).
+    `timeout_s` bounds one scorer call on one completion (a batch of n gets n * timeout_s on the fast path);
+    the driver sets it from the config. `isolate=False` calls scorers in-process without any limit (for
+    debugging with breakpoints).
     """
 
     def __init__(self, timeout_s: float = 30.0, threads: int = 4, isolate: bool = True):
+        if not timeout_s > 0:
+            raise ValueError(f"scoring time-out must be > 0 seconds, got {timeout_s}")
         self.timeout_s, self.isolate = timeout_s, isolate
         self._threads = ThreadPoolExecutor(max_workers=threads)
 
@@ -102,6 +125,8 @@ class ScoringPool:
         res = call_with_timeout(call_scorer, (name, fn, completions), rows, self.timeout_s * len(completions))
         if res.ok:
             return res.value
+        if res.error != "timeout" and not res.error.startswith("crashed"):
+            show_first_traceback(name, res.error)
         if len(completions) == 1:
             reason = res.error if res.error == "timeout" or res.error.startswith("crashed") else "exception"
             record_event(name, reason.split(" (")[0])

@@ -1,6 +1,8 @@
 """Rubric-based generative reward model (GenRM): a judge model grades a completion against the prompt's rubric.
 
-The judge is any OpenAI-compatible chat endpoint (a vLLM server in production: `vllm serve JUDGE`).
+The judge is any OpenAI-compatible chat endpoint (a vLLM server in production: `vllm serve JUDGE`), called
+through the `openai` client's async API with at most `max_concurrency` requests in flight (imported when
+the scorer runs: it is in the `rewards` extra, and vLLM installs it).
 Its reply is parsed into a score in [0, 1]: "Score: 7/10", "Score: 0.7", "[[7]]". A reply that does not
 parse, or a failed request, gives None (the sample abstains) and is counted as `rubric:parse_failure` /
 `rubric:request_error`: never silently 0.
@@ -13,11 +15,10 @@ is ours. Only the final answer (after `</think>`) is judged, as the reasoning is
 """
 from __future__ import annotations
 
-import json
+import asyncio
 import os
 import re
-import urllib.error
-import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 from rewards.base import column, record_event, register_scorer, split_thinking
 
@@ -59,14 +60,37 @@ def parse_judge_score(text: str, max_score: float = 10.0) -> float | None:
     return None
 
 
-def _chat(base_url: str, payload: dict, api_key: str | None, timeout_s: float) -> str:
-    req = urllib.request.Request(
-        base_url.rstrip("/") + "/chat/completions",
-        data=json.dumps(payload).encode(),
-        headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})},
-    )
-    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-        return json.loads(resp.read())["choices"][0]["message"]["content"] or ""
+async def _judge_all(payloads: list[dict], base_url: str, api_key: str | None, timeout_s: float, max_retries: int,
+                     max_concurrency: int) -> list[str | None]:
+    """The judge's reply to each request (None when it failed), at most `max_concurrency` in flight."""
+    from openai import AsyncOpenAI, OpenAIError
+
+    # vLLM without --api-key accepts any key; the client refuses to start without one.
+    client = AsyncOpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout_s, max_retries=max_retries)
+    slots = asyncio.Semaphore(max_concurrency)
+
+    async def one(payload: dict) -> str | None:
+        async with slots:
+            try:
+                resp = await client.chat.completions.create(**payload)
+                return resp.choices[0].message.content or ""
+            except (OpenAIError, IndexError, AttributeError):
+                return None
+
+    try:
+        return await asyncio.gather(*(one(p) for p in payloads))
+    finally:
+        await client.close()
+
+
+def _run(coro):
+    """asyncio.run, also from a thread of a program that already runs an event loop (a notebook)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with ThreadPoolExecutor(1) as ex:
+        return ex.submit(asyncio.run, coro).result()
 
 
 @register_scorer("rubric")
@@ -82,18 +106,28 @@ def rubric_scorer(
     max_tokens: int = 32,
     temperature: float = 0.0,
     timeout_s: float = 60.0,
+    max_retries: int = 2,
+    max_concurrency: int = 8,
     guided: bool = False,
     **_,
 ) -> list[float | None]:
     """Judge each completion against its row's `rubric` (see module docstring). `base_url` (e.g.
-    http://127.0.0.1:8000/v1) and `model` come from the spec's args or JUDGE_BASE_URL / JUDGE_MODEL."""
+    http://127.0.0.1:8000/v1) and `model` come from the spec's args or JUDGE_BASE_URL / JUDGE_MODEL.
+    Requests go out concurrently through the `openai` client's async API, at most `max_concurrency` at a
+    time (a spec arg: `rubric: {scorer: rubric, args: {max_concurrency: 32}}`); `timeout_s` and `max_retries`
+    are per request. The scoring pool's time-out still bounds the whole batch: raise it with the judge's."""
     base_url = base_url or os.environ.get("JUDGE_BASE_URL")
     model = model or os.environ.get("JUDGE_MODEL")
     if not base_url or not model:
         raise ValueError("rubric scorer: set args.base_url and args.model (or JUDGE_BASE_URL / JUDGE_MODEL)")
-    api_key = os.environ.get(api_key_env)
+    if max_concurrency < 1:
+        raise ValueError(f"rubric scorer: args.max_concurrency must be >= 1, got {max_concurrency}")
+    try:
+        import openai  # noqa: F401  (optional: the `rewards` extra)
+    except ImportError:
+        raise ImportError("rubric scorer: needs the openai client (pip install openai, or the v32rl[rewards] extra)") from None
     prompts = column({"p": prompt}, "p", len(completions), "")
-    out: list[float | None] = []
+    payloads = []
     for text, rub, q in zip(completions, rubric, prompts):
         _, answer = split_thinking(text)
         content = JUDGE_PROMPT.format(prompt=q or "", rubric=rub, response=answer, max_score=max_score)
@@ -101,10 +135,12 @@ def rubric_scorer(
                    "max_tokens": max_tokens, "temperature": temperature}
         if guided:
             scores = "|".join(str(i) for i in range(max_score, -1, -1))  # longest first: "10" before "1"
-            payload["structured_outputs"] = {"regex": f"Score: ({scores})/{max_score}"}
-        try:
-            reply = _chat(base_url, payload, api_key, timeout_s)
-        except (urllib.error.URLError, OSError, KeyError, IndexError, ValueError):
+            payload["extra_body"] = {"structured_outputs": {"regex": f"Score: ({scores})/{max_score}"}}
+        payloads.append(payload)
+    replies = _run(_judge_all(payloads, base_url, os.environ.get(api_key_env), timeout_s, max_retries, max_concurrency))
+    out: list[float | None] = []
+    for reply in replies:
+        if reply is None:
             record_event("rubric", "request_error")
             out.append(None)
             continue

@@ -56,20 +56,26 @@ def score(samples: list[Sample], specs: dict, pool, tokenizer) -> dict:
     by_domain: dict[str, list[Sample]] = defaultdict(list)
     for s in samples:
         if s.status in (Status.COMPLETED, Status.TRUNCATED):
-            # An episode is judged by its final turn (the answer); its tool turns are in the same tokens.
-            ids = final_turn_ids(s) if s.tool_stats else s.response_ids
-            s.text = tokenizer.decode(ids, skip_special_tokens=True)
+            s.text = tokenizer.decode(_scored_ids(s), skip_special_tokens=True)
             by_domain[s.domain].append(s)
     for domain, group in by_domain.items():
         spec = specs[domain]
         keys = sorted({k for s in group for k in s.metadata if k != "prompt"})
         cols = {k: [s.metadata.get(k) for s in group] for k in keys}
         cols["prompt"] = [_prompt_text(s.metadata["prompt"]) for s in group]
+        cols["prompts"] = [s.metadata["prompt"] for s in group]  # TRL's argument: the prompt as in the data
+        cols["completion_ids"] = [_scored_ids(s) for s in group]
         cols["num_tokens"] = [len(s.response_ids) for s in group]
         cols["truncated"] = [s.status is Status.TRUNCATED for s in group]
         for s, vec in zip(group, pool.score(spec, [s.text for s in group], cols)):
             s.rewards, s.reward = vec, spec.combine(vec)
     return reward_metrics(samples, specs)
+
+
+def _scored_ids(s: Sample) -> list[int]:
+    """The tokens a sample is judged by: an episode's final turn (the answer; its tool turns are in the same
+    tokens), otherwise the whole response."""
+    return list(final_turn_ids(s) if s.tool_stats else s.response_ids)
 
 
 def _prompt_text(prompt) -> str:

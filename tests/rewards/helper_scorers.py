@@ -16,3 +16,18 @@ def crashy(completions, **_):
     if any("boom" in c for c in completions):
         raise RuntimeError("scorer bug")
     return [1.0] * len(completions)
+
+
+def trl_reward(prompts, completions, completion_ids, solution, **kwargs):
+    """Written for TRL's GRPOTrainer: keyword arguments, the dataset's `solution` column."""
+    return [float(c.strip() == s) + 0.01 * len(ids) + 0.001 * len(p) for p, c, ids, s in zip(prompts, completions, completion_ids, solution)]
+
+
+def trl_len_reward(completions, **kwargs):
+    """TRL's documentation example: closer to 20 characters is better."""
+    return [-abs(20 - len(c)) for c in completions]
+
+
+def strict_reward(texts, answer):
+    """No **kwargs and a first parameter named otherwise: gets the completions and only `answer`."""
+    return [float(t == a) for t, a in zip(texts, answer)]

@@ -84,3 +84,75 @@ def test_rubric_against_a_real_judge(judge_server):
     # Unguided, a random-weight judge writes noise: every reply is a counted parse failure, never a 0.
     free = scorer(comps, rubric=rubric, prompt=prompts, base_url=judge_server, model="judge", max_tokens=8)
     assert free == [None, None, None] and rewards.take_events() == {"rubric:parse_failure": 3}
+
+
+class _FakeJudge:
+    """An OpenAI-compatible /chat/completions endpoint on loopback that answers after `delay` seconds and
+    records the requests and the most it had in flight at once."""
+
+    def __init__(self, delay: float):
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        judge, self.delay, self.requests, self.in_flight, self.peak = self, delay, [], 0, 0
+        lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with lock:
+                    judge.requests.append((self.path, self.headers.get("Authorization"), body))
+                    judge.in_flight += 1
+                    judge.peak = max(judge.peak, judge.in_flight)
+                time.sleep(judge.delay)
+                with lock:
+                    judge.in_flight -= 1
+                reply = "Score: 9/10" if "Paris" in body["messages"][0]["content"].split("# Response")[1] else "hmm"
+                data = json.dumps({"id": "1", "object": "chat.completion", "created": 0, "model": body["model"],
+                                   "choices": [{"index": 0, "finish_reason": "stop",
+                                                "message": {"role": "assistant", "content": reply}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def fake_judge():
+    judge = _FakeJudge(delay=0.3)
+    yield judge
+    judge.server.shutdown()
+
+
+def test_judge_requests_are_concurrent_and_bounded(fake_judge, monkeypatch):
+    monkeypatch.setenv("JUDGE_API_KEY", "sk-test")
+    rewards.take_events()
+    comps = ["<think>Lyon?</think> Paris", "Lyon", "Paris", "Marseille", "Paris!", "Nice"]
+    t0 = time.monotonic()
+    out = get_scorer("rubric")(comps, rubric=["Names Paris."] * 6, prompt=["Capital of France?"] * 6,
+                               base_url=fake_judge.url, model="judge", max_concurrency=2, guided=True)
+    took = time.monotonic() - t0
+    assert out == [0.9, None, 0.9, None, 0.9, None] and rewards.take_events() == {"rubric:parse_failure": 3}
+    assert fake_judge.peak == 2 and took < 6 * 0.3  # two at a time: concurrent, and never more than asked
+    path, auth, body = fake_judge.requests[0]
+    assert path == "/v1/chat/completions" and auth == "Bearer sk-test" and body["model"] == "judge"
+    assert body["structured_outputs"]["regex"].startswith("Score: (10|9|8")  # vLLM's guided decoding field
+    assert "Lyon?" not in "".join(r[2]["messages"][0]["content"] for r in fake_judge.requests)  # reasoning not judged
+
+
+def test_judge_runs_inside_a_running_event_loop(fake_judge):
+    import asyncio
+
+    async def notebook_cell():
+        return get_scorer("rubric")(["Paris"], rubric=["Names Paris."], base_url=fake_judge.url, model="judge")
+
+    assert asyncio.run(notebook_cell()) == [0.9]

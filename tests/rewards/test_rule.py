@@ -116,3 +116,51 @@ def test_rewards_imports_without_torch_ray_vllm():
     code = "import sys, rewards, rewards.pool, rewards.testing; print([m for m in ('torch', 'ray', 'vllm') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_rewards_extra_covers_what_the_scorers_import():
+    """The laptop install is `pip install --no-deps .` plus the `rewards` extra (README). Simulate that venv:
+    a subprocess may import only the standard library, this project and the distributions the extra pulls
+    in (resolved as pip would); importing `rewards` and running its scorers must still work there."""
+    import json
+    import subprocess
+    import sys
+    import tomllib
+    from importlib import metadata
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    root = Path(__file__).resolve().parents[2]
+    extra = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]["rewards"]
+    todo, closure = [Requirement(r) for r in extra], set()
+    while todo:  # the extra's requirements and theirs (markers evaluated, other extras left out)
+        req = todo.pop()
+        if canonicalize_name(req.name) in closure or (req.marker and not req.marker.evaluate({"extra": ""})):
+            continue
+        closure.add(canonicalize_name(req.name))
+        todo += [Requirement(r) for r in metadata.requires(req.name) or []]
+    allowed = sorted({m for m, dists in metadata.packages_distributions().items()
+                      if any(canonicalize_name(d) in closure for d in dists)} | {"rewards", "tests"})
+    code = """if True:
+        import importlib.abc, json, sys
+        allowed = set(json.loads(sys.argv[1])) | set(sys.stdlib_module_names)
+
+        class LaptopVenv(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.split(".")[0] not in allowed and not name.startswith("_"):
+                    raise ModuleNotFoundError(f"No module named {name!r} (not in the rewards extra)", name=name)
+
+        sys.meta_path.insert(0, LaptopVenv())
+        import rewards, rewards.pool, rewards.testing, rewards.__main__
+        from rewards import get_scorer
+        print(get_scorer("math")(["\\\\boxed{1}"], answer=["1"]),
+              get_scorer("language_consistency")(["this is plainly an english sentence"], language=["en"]),
+              get_scorer("rubric")(["x"], rubric=["r"], base_url="http://127.0.0.1:9/v1", model="m", max_retries=0),
+              rewards.__main__.load_spec("examples/rewards/spec.yaml", None).domain,
+              [m for m in ("torch", "ray", "vllm", "transformers") if m in sys.modules])
+    """
+    res = subprocess.run([sys.executable, "-c", code, json.dumps(allowed)], cwd=root, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "[1.0] [1.0] [None] math []"

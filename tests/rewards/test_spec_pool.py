@@ -81,6 +81,44 @@ def test_scorer_exception_is_none_and_counted():
     assert rewards.take_events() == {f"{CRASHY}:exception": 1}
 
 
+def test_first_traceback_is_shown_once_with_the_scorer_name(capfd, monkeypatch):
+    import rewards.pool
+
+    monkeypatch.setattr(rewards.pool, "_SHOWN", set())
+    spec = parse_spec("t", {"x": {"scorer": CRASHY}})
+    pool = ScoringPool(timeout_s=5)
+    assert [v["x"] for v in pool.score(spec, ["boom", "a", "boom"], {})] == [None, 1.0, None]
+    assert [v["x"] for v in pool.score(spec, ["boom"], {})] == [None]
+    err = capfd.readouterr().err
+    assert err.count("Traceback (most recent call last)") == 1 and err.count("RuntimeError: scorer bug") == 1
+    assert f"rewards: scorer '{CRASHY}' raised; its completions get None (abstain), counted as events/{CRASHY}:exception" in err
+    assert 'helper_scorers.py", line' in err  # the user's own frame, not only the pool's
+    rewards.take_events()
+
+
+def test_trl_reward_functions_run_unchanged():
+    """TRL's call: keyword prompts, completions, completion_ids and the dataset's columns; ours still works,
+    and a function without **kwargs gets only the fields it names."""
+    import math
+
+    rows = {"prompt": ["1+1?", "2+2?"], "prompts": [[{"role": "user", "content": "1+1?"}], "2+2?"],
+            "completion_ids": [[5, 6], [7]], "solution": ["2", "4"], "answer": ["2", "5"], "num_tokens": [2, 1]}
+    spec = parse_spec("t", {"trl": {"scorer": "tests.rewards.helper_scorers:trl_reward"},
+                            "len": {"scorer": "tests.rewards.helper_scorers:trl_len_reward"},
+                            "strict": {"scorer": "tests.rewards.helper_scorers:strict_reward"},
+                            "exact": 1.0})
+    rewards.take_events()
+    out = ScoringPool(timeout_s=5).score(spec, ["2", "3"], rows)
+    assert rewards.take_events() == {}
+    assert [v["trl"] for v in out] == [pytest.approx(1 + 0.02 + 0.001), pytest.approx(0 + 0.01 + 0.004)]  # len(messages)=1
+    assert [v["len"] for v in out] == [-19.0, -19.0] and [v["strict"] for v in out] == [1.0, 0.0]
+    assert [v["exact"] for v in out] == [1.0, 0.0]
+    # `prompts` defaults to the `prompt` row field (rows scored outside the pipeline, `python -m rewards`).
+    trl = rewards.get_scorer("tests.rewards.helper_scorers:trl_reward")
+    got = rewards.call_scorer("trl", trl, ["2"], prompt=["1+1?"], completion_ids=[[5]], solution=["2"])
+    assert math.isclose(got[0], 1 + 0.01 + 0.004)
+
+
 def test_events_from_child_processes_reach_the_parent():
     rewards.take_events()
     spec = parse_spec("math", {"correct": 1.0})
