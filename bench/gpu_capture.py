@@ -52,13 +52,13 @@ def main() -> None:
     t1 = time.time()
     samples = eng.generate(prompts, sp)
     t_gen = time.time() - t1
-    eng_mask_from_logprobs = eng.mask_from_logprobs
+    mask_source = eng.mask_source
     del eng
     torch.cuda.empty_cache()
     import vllm
 
     res = {"vllm": vllm.__version__, "gpu": torch.cuda.get_device_name(), "params": n_params, "samples": len(samples),
-           "gen_s": t_gen, "mask_source": "processed_logprobs" if eng_mask_from_logprobs else "native",
+           "gen_s": t_gen, "mask_source": mask_source,
            "routed_shape": list(samples[0].routed_experts.shape)}
     kept_sizes = [float(s.kept.sizes().mean()) for s in samples]
     res["kept_set_mean_size"] = float(np.mean(kept_sizes))

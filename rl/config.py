@@ -45,7 +45,9 @@ class AlgoConfig:
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    engine: str = "vllm"  # vllm | reference
+    # 'auto' settings are resolved once by `resolve_auto` (GPUs visible to the driver: vLLM in bf16 with
+    # CUDA graphs; none: the reference engine, exact captures on CPU) and the choice is printed.
+    engine: str = "auto"  # vllm | reference | auto
     num_engines: int = 1
     n: int = 8  # samples per prompt (group size)
     temperature: float = 1.0
@@ -54,9 +56,13 @@ class RolloutConfig:
     max_tokens: int = 64
     max_model_len: int = 1024
     chunk_prompts: int = 16  # prompts per engine call (dynamic batching granularity)
-    dtype: str = "float32"
+    dtype: str = "auto"  # engine weights: float32 | bfloat16 | float16 | auto (bf16 on GPU, fp32 on CPU)
+    gpu_memory_utilization: Optional[float] = None  # vLLM's share of its GPU; None: 0.85 alone, 0.4 shared
+    enforce_eager: Optional[bool] = None  # vLLM without CUDA graphs; None: eager on CPU, graphs on GPU
+    tensor_parallel_size: int = 1  # vLLM tensor parallelism (needs that many GPUs per engine)
+    extra: dict = field(default_factory=dict)  # more vllm.LLM keyword arguments, passed as they are
     engine_cpus: float = 1.0
-    engine_gpus: float = 0.0  # GPUs per engine actor (0 on CPU)
+    engine_gpus: Optional[float] = None  # GPUs per engine actor; None: 1 on a GPU machine (0.5 with one GPU), else 0
 
 
 @dataclass(frozen=True)
@@ -116,15 +122,18 @@ class TrainerConfig:
     grad_clip: float = 1.0
     micro_batch_size: int = 16
     logprob_chunk: int = 256
+    param_dtype: str = "auto"  # float32 | bfloat16 (FSDP2 mixed precision, fp32 master weights) | auto
+    gradient_checkpointing: bool = False  # recompute decoder layers in backward (less activation memory)
     world_size: int = 1  # learner ranks (processes)
     learner_cpus: float = 1.0
-    learner_gpus: float = 0.0  # GPUs per learner rank (0 on CPU)
+    learner_gpus: Optional[float] = None  # GPUs per learner rank; None: 1 on a GPU machine (0.5 with one GPU), else 0
     mode: str = "sync"  # sync | async (rollouts for step k+1 run while step k trains)
     max_staleness: int = 1  # async: samples older than this many policy versions are dropped (counted)
     eval_every: int = 0  # 0 = only at the end
     save_every: int = 0  # 0 = only at the end
     max_nonfinite_steps: int = 3  # stop after this many steps with a NaN/inf loss or reward
     max_failure_rate: float = 0.5  # stop when more than this fraction of a step's samples failed
+    scoring_timeout_s: float = 30.0  # per reward function call; a call past it abstains (None) and is counted
     run_dir: str = "runs/default"
     seed: int = 0
 
@@ -187,7 +196,7 @@ def compose(overrides: list[str] | None = None, config_name: str = "config"):
         raise ConfigError(f"config: {exc}") from None
 
 
-def to_schema(raw) -> Config:
+def to_schema(raw, validated: bool = True) -> Config:
     """Merge a composed config into the schema: unknown keys, wrong types and missing fields fail here."""
     try:
         schema = OmegaConf.structured(Config)
@@ -201,7 +210,8 @@ def to_schema(raw) -> Config:
         key = getattr(exc, "full_key", None) or ""
         msg = str(exc).splitlines()[0]
         raise ConfigError(f"{key}: {msg}" if key else msg) from None
-    validate(cfg)
+    if validated:
+        validate(cfg)
     return cfg
 
 
@@ -216,8 +226,58 @@ def _writable(node) -> None:
                 _writable(child)
 
 
-def load_config(overrides: list[str] | None = None, config_name: str = "config") -> Config:
-    return to_schema(compose(overrides, config_name))
+def load_config(overrides: list[str] | None = None, config_name: str = "config", gpus: int | None = None) -> Config:
+    """Compose, merge into the schema, resolve 'auto' settings for this machine (`gpus`: CUDA devices the
+    driver sees, counted when None) and validate. The resolved choices are in `AUTO_NOTES`."""
+    raw = compose(overrides, config_name)
+    cfg = to_schema(raw, validated=False)
+    cfg, notes = resolve_auto(cfg, _visible_gpus() if gpus is None else gpus)
+    AUTO_NOTES[:] = notes
+    validate(cfg)
+    return cfg
+
+
+AUTO_NOTES: list[str] = []  # what the last load_config chose for the 'auto' settings (the driver prints it)
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def resolve_auto(cfg: Config, gpus: int) -> tuple[Config, list[str]]:
+    """Replace 'auto'/None settings by what this machine supports. With GPUs: vLLM, one GPU per engine and
+    per learner rank (half a GPU each with a single GPU), bf16, CUDA graphs. Without: the reference engine
+    (vLLM on CPU cannot capture routed experts or sampling masks at a real vocabulary), fp32, eager."""
+    from dataclasses import replace
+
+    r, t, notes = cfg.rollout, cfg.trainer, []
+
+    def pick(obj, key, value, why):
+        notes.append(f"{key}={value} ({why})")
+        return replace(obj, **{key.split(".")[-1]: value})
+
+    where = f"{gpus} GPU{'s' if gpus != 1 else ''} visible" if gpus else "no GPU visible"
+    share = 0.5 if gpus == 1 else 1.0
+    if r.engine == "auto":
+        r = pick(r, "rollout.engine", "vllm" if gpus else "reference", where)
+    on_gpu = bool(gpus) and r.engine == "vllm"
+    if r.engine_gpus is None:
+        r = pick(r, "rollout.engine_gpus", share if on_gpu else 0.0, where)
+    if t.learner_gpus is None:
+        t = pick(t, "trainer.learner_gpus", share if gpus else 0.0, where)
+    if r.dtype == "auto":
+        r = pick(r, "rollout.dtype", "bfloat16" if r.engine_gpus else "float32", "engine on GPU" if r.engine_gpus else "engine on CPU")
+    if t.param_dtype == "auto":
+        t = pick(t, "trainer.param_dtype", "bfloat16" if t.learner_gpus else "float32",
+                 "learner on GPU" if t.learner_gpus else "learner on CPU")
+    if r.enforce_eager is None:
+        r = pick(r, "rollout.enforce_eager", not r.engine_gpus, "CUDA graphs on GPU" if r.engine_gpus else "CPU")
+    if r.gpu_memory_utilization is None:
+        shared = bool(r.engine_gpus) and r.engine_gpus < 1
+        r = pick(r, "rollout.gpu_memory_utilization", 0.4 if shared else 0.85, "GPU shared with the learner" if shared else "own GPU")
+    return replace(cfg, rollout=r, trainer=t), notes
 
 
 def _check(ok: bool, key: str, msg: str) -> None:
@@ -249,12 +309,24 @@ def validate(cfg: Config) -> None:
     for dom, beta in a.kl_coef_per_domain.items():
         _check(isinstance(beta, (int, float)) and beta >= 0, f"algo.kl_coef_per_domain.{dom}", f"must be a number >= 0, got {beta!r}")
     _check(a.opsm_delta is None or a.opsm_delta >= 0, "algo.opsm_delta", f"must be >= 0, got {a.opsm_delta}")
-    _check(r.engine in ENGINES, "rollout.engine", f"unsupported {r.engine!r}. Supported: {ENGINES.names()}")
+    _check(r.engine in ENGINES or r.engine == "auto", "rollout.engine", f"unsupported {r.engine!r}. Supported: {[*ENGINES.names(), 'auto']}")
     _check(r.n >= (2 if a.name == "grpo" else 1), "rollout.n", f"GRPO needs a group of at least 2 samples, got {r.n}")
-    _check(r.temperature >= 0, "rollout.temperature", f"must be >= 0, got {r.temperature}")
+    # Greedy samples have no sampling probability: the ratio pi_theta / pi_old is undefined (eval.temperature
+    # may be 0: evaluation trains nothing).
+    _check(r.temperature > 0, "rollout.temperature", f"must be > 0 for training (greedy samples have no pi_old), got {r.temperature}")
     _check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
+    _check(r.top_k >= 0, "rollout.top_k", f"must be >= 0 (0 = off), got {r.top_k}")
+    _check(r.dtype in ("auto", "float32", "bfloat16", "float16"), "rollout.dtype", f"auto | float32 | bfloat16 | float16, got {r.dtype!r}")
+    _check(t.param_dtype in ("auto", "float32", "bfloat16"), "trainer.param_dtype", f"auto | float32 | bfloat16, got {t.param_dtype!r}")
+    _check(r.gpu_memory_utilization is None or 0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
+           f"must be in (0, 1], got {r.gpu_memory_utilization}")
+    _check(r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", f"must be >= 1, got {r.tensor_parallel_size}")
+    if r.engine_gpus is not None and r.engine == "vllm" and r.engine_gpus > 0:
+        _check(r.tensor_parallel_size <= max(r.engine_gpus, 1), "rollout.tensor_parallel_size",
+               f"{r.tensor_parallel_size} needs as many GPUs per engine (rollout.engine_gpus={r.engine_gpus})")
+    validate_captures(cfg)
     _check(r.max_tokens >= 1 and r.num_engines >= 1, "rollout", "max_tokens and num_engines must be >= 1")
-    _check(r.engine_gpus >= 0 and t.learner_gpus >= 0, "rollout.engine_gpus", "GPU counts (and trainer.learner_gpus) must be >= 0")
+    _check((r.engine_gpus or 0) >= 0 and (t.learner_gpus or 0) >= 0, "rollout.engine_gpus", "GPU counts (and trainer.learner_gpus) must be >= 0")
     _check(t.steps >= 0 and t.lr > 0 and t.world_size >= 1 and t.micro_batch_size >= 1, "trainer",
            "steps >= 0, lr > 0, world_size >= 1 and micro_batch_size >= 1 are required")
     _check(t.mode in ("sync", "async"), "trainer.mode", f"must be 'sync' or 'async', got {t.mode!r}")
@@ -274,6 +346,41 @@ def validate(cfg: Config) -> None:
         raise ConfigError(str(exc)) from None
     _check(bool(specs), "rewards", "at least one domain's reward spec is required")
     validate_agent(cfg, specs)
+
+
+def model_is_moe(cfg: Config) -> bool:
+    """Whether the configured model routes tokens to experts (the tiny 'moe' kind, or a checkpoint whose
+    config.json names experts)."""
+    if cfg.model.tiny is not None:
+        return cfg.model.tiny == "moe"
+    from rollout.engine import is_moe_checkpoint
+
+    return is_moe_checkpoint(cfg.model.path)
+
+
+def validate_captures(cfg: Config) -> None:
+    """The corrections the config asks for must be deliverable by the chosen engine, or the run stops here.
+    vLLM on CPU (rollout.engine_gpus=0) runs its CPU model runner, which cannot return routed experts; its
+    sampling masks come from full-vocabulary processed log-probs, exact but only practical for small
+    vocabularies (checked when the model's vocabulary is known)."""
+    from rollout.engine import captures_needed
+
+    r, a = cfg.rollout, cfg.algo
+    if r.engine != "vllm" or r.engine_gpus is None or r.engine_gpus > 0:
+        return
+    routing, mask = captures_needed(a.keep_routing, a.keep_sampling_mask, model_is_moe(cfg), r.top_k, r.top_p)
+    _check(not routing, "algo.keep_routing", "vLLM on CPU (rollout.engine_gpus=0) cannot capture the routed experts this "
+           "MoE model needs for keep routing; use rollout=reference (exact capture on CPU) or algo.keep_routing=false")
+    if mask and cfg.model.path is not None:
+        from rollout.engine import vocab_size_of
+
+        V = vocab_size_of(cfg.model.path)
+        _check(V <= CPU_MASK_MAX_VOCAB, "algo.keep_sampling_mask",
+               f"vLLM on CPU records sampling masks from full-vocabulary log-probs, impractical at vocabulary {V} "
+               f"(> {CPU_MASK_MAX_VOCAB}); use rollout=reference, a GPU engine, or algo.keep_sampling_mask=false")
+
+
+CPU_MASK_MAX_VOCAB = 32_768
 
 
 def validate_agent(cfg: Config, specs: dict) -> None:

@@ -16,7 +16,7 @@ import random
 
 from dataclasses import replace
 
-from rl import pipeline
+from rl import components, pipeline
 from rl.synthetic import solve
 from rollout.agent import AgentRunner, ScriptedPolicy, oracle_script
 from rollout.engine import SamplingConfig
@@ -35,64 +35,64 @@ class _Direct:
         return self.engine.generate(prompts, sampling), GenerationStats()
 
 
-def specialist_samples(run, domain: str, specialist: str, prompts) -> list[Sample]:
-    """SFT samples from one specialist."""
-    agent = run.agent if run.agent is not None and domain in run.agent.domains else None
-    r = run.cfg.rollout
+def specialist_samples(cfg, tok, agent, domain: str, specialist: str, prompts) -> list[Sample]:
+    """SFT samples from one specialist (`agent`: the tool-use runner when `domain` runs as episodes)."""
+    r = cfg.rollout
     if specialist == "rule" and agent is None:
-        return [to_sft_sample(run, p, solve(p.row)) for p in prompts]
+        return [to_sft_sample(tok, p, solve(p.row)) for p in prompts]
     if specialist == "rule":
         missing = [p.source for p in prompts if not p.row.get("solution")]
         if missing:
             raise RuntimeError(f"distill.specialists.{domain}=rule needs each row's reference 'solution' turns; missing at {missing[0]}")
-        oracle = ScriptedPolicy(run.tok, oracle_script({p.row["prompt"]: p.row["solution"] for p in prompts}))
+        oracle = ScriptedPolicy(tok, oracle_script({p.row["prompt"]: p.row["solution"] for p in prompts}))
         # Demonstrations are the clean solution: the whole context, no context management.
-        plain = AgentRunner(run.tok, replace(agent.cfg, strategy="none", max_context=r.max_model_len), agent.domains)
+        plain = AgentRunner(tok, replace(agent.cfg, strategy="none", max_context=r.max_model_len), agent.domains)
         return pipeline.generate(_Direct(oracle), prompts, SamplingConfig(n=1, max_tokens=r.max_tokens), plain)[0]
-    from rollout.engine import EngineConfig
-    from rollout.manager import RolloutManager
-
-    mgr = RolloutManager(EngineConfig(model=specialist, engine=r.engine, dtype=r.dtype, max_model_len=r.max_model_len),
-                         num_engines=1, chunk_prompts=r.chunk_prompts, num_cpus=r.engine_cpus, num_gpus=r.engine_gpus)
+    mgr = components.engines(cfg, specialist, want=components.Captures(routing=False, sampling_mask=False))
     try:
-        sp = SamplingConfig(n=run.cfg.distill.samples_per_prompt, temperature=r.temperature, max_tokens=r.max_tokens, seed=0)
+        sp = components.sampling(r, seed=0, n=cfg.distill.samples_per_prompt)
         samples, _ = pipeline.generate(mgr, prompts, sp, agent)
     finally:
         mgr.shutdown()
     for s in samples:  # SFT: every generated token is a target (tool results stay out: loss_mask 0)
-        s.logprobs = [0.0] * len(s.response_ids)
+        for seg in (*s.segments, s):
+            seg.logprobs = [0.0] * len(seg.response_ids)
+            seg.routed_experts = seg.kept = None  # the specialist's routing and truncation are not the student's
     return samples
 
 
-def to_sft_sample(run, prompt, text: str) -> Sample:
-    ids = list(run.tok(text, add_special_tokens=False)["input_ids"]) + [run.tok.eos_token_id]
+def to_sft_sample(tok, prompt, text: str) -> Sample:
+    ids = list(tok(text, add_special_tokens=False)["input_ids"]) + [tok.eos_token_id]
     return Sample(prompt_ids=prompt.prompt_ids, response_ids=ids, logprobs=[0.0] * len(ids), loss_mask=[1] * len(ids),
                   status=Status.COMPLETED, domain=prompt.row["domain"], metadata=prompt.row, text=text)
 
 
-def distill(run, learner) -> dict:
-    cfg = run.cfg.distill
+def distill(cfg, tok, specs: dict, pool, agent, train_prompts: list, learner) -> dict:
+    """Specialists' filtered outputs SFT the learner (`cfg.distill`), then its reference is reset to the
+    result. Returns the stage's metrics."""
+    d = cfg.distill
     kept, metrics = [], {}
-    for domain, specialist in cfg.specialists.items():
-        prompts = [p for p in run.train_prompts if p.row["domain"] == domain]
-        samples = specialist_samples(run, domain, specialist, prompts)
-        pipeline.score(samples, {domain: run.specs[domain]}, run.pool, run.tok)
-        good = [s for s in samples if (s.rewards.get(run.specs[domain].primary) or 0.0) > 0.5]
+    for domain, specialist in d.specialists.items():
+        prompts = [p for p in train_prompts if p.row["domain"] == domain]
+        runner = agent if agent is not None and domain in agent.domains else None
+        samples = specialist_samples(cfg, tok, runner, domain, specialist, prompts)
+        pipeline.score(samples, {domain: specs[domain]}, pool, tok)
+        good = [s for s in samples if (s.rewards.get(specs[domain].primary) or 0.0) > 0.5]
         metrics[f"distill/{domain}/kept_frac"] = len(good) / max(len(samples), 1)
         kept.extend(seg for s in good for seg in (*s.segments, s) if seg.response_ids)
     if not kept:
         raise RuntimeError("distillation kept no sample: check distill.specialists and the reward specs")
     rng, losses = random.Random(0), []
-    for step in range(cfg.dsa_warmup_steps):  # DSA dense warm-up: indexer only, main model frozen
-        kl = learner.dsa_warmup_step(rng.sample(kept, min(cfg.batch_size, len(kept))), cfg.dsa_warmup_lr)
+    for step in range(d.dsa_warmup_steps):  # DSA dense warm-up: indexer only, main model frozen
+        kl = learner.dsa_warmup_step(rng.sample(kept, min(d.batch_size, len(kept))), d.dsa_warmup_lr)
         metrics.setdefault("distill/dsa_warmup_kl_first", kl)
         metrics["distill/dsa_warmup_kl_last"] = kl
-    learner.set_lr(cfg.lr)
-    for _ in range(cfg.epochs):
+    learner.set_lr(d.lr)
+    for _ in range(d.epochs):
         rng.shuffle(kept)
-        for s in range(0, len(kept), cfg.batch_size):
-            losses.append(learner.train_step(kept[s : s + cfg.batch_size], loss="sft")["nll"])
-    learner.set_lr(run.cfg.trainer.lr)
+        for s in range(0, len(kept), d.batch_size):
+            losses.append(learner.train_step(kept[s : s + d.batch_size], loss="sft")["nll"])
+    learner.set_lr(cfg.trainer.lr)
     learner.reset_reference()  # RL's KL anchors to the distilled model, not the random init
     metrics.update({"distill/examples": len(kept), "distill/nll_first": losses[0], "distill/nll_last": losses[-1]})
     return metrics

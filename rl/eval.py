@@ -54,19 +54,30 @@ def evaluate(engines, prompts: list[Prompt], specs: dict, pool, tokenizer, k: in
     return out
 
 
+def evaluate_setup(s, engines) -> dict:
+    """`evaluate` on a run's eval prompts (`rl.components.Setup`), with its eval settings."""
+    if not s.eval_prompts:
+        return {}
+    e, r = s.cfg.eval, s.cfg.rollout
+    return evaluate(engines, s.eval_prompts, s.specs, s.pool, s.tok, e.k, e.temperature, r.max_tokens,
+                    seed=s.cfg.trainer.seed, agent=s.agent)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Evaluate a HF checkpoint on the config's eval data.")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--config-name", default="config")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
-    from rl.train import Run, ray_session
+    from rl import components
+    from rl.cluster import ray_session
+    from rl.config import load_config
 
     overrides = [o for o in a.overrides if not o.startswith(("model.path=", "model.tiny="))]
-    cfg_overrides = overrides + [f"model.path={a.checkpoint}", "model.tiny=null"]
-    run = Run.create(cfg_overrides, a.config_name, for_eval=True)
-    with ray_session(run.cfg.cluster):
-        metrics = run.evaluate(run.engines())
+    cfg = load_config(overrides + [f"model.path={a.checkpoint}", "model.tiny=null"], a.config_name)
+    s = components.setup(cfg, for_eval=True)
+    with ray_session(cfg.cluster):
+        metrics = evaluate_setup(s, components.engines(cfg, s.model_path))
     for key in sorted(metrics):
         print(f"{key:40s} {metrics[key]:.4f}")
 

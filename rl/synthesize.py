@@ -234,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     from transformers import AutoTokenizer
 
-    from rollout.engine import EngineConfig, check_model_dir, make_engine
+    from rl.components import engine_config
+    from rl.config import RolloutConfig
+    from rollout.engine import check_model_dir, make_engine
 
     try:
         env = ToolEnv(docs=str(Path(a.env) / "docs"))
@@ -250,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    engine_cfg = lambda m: EngineConfig(model=m, engine=a.engine, max_model_len=a.max_context + a.max_tokens)  # noqa: E731
+    rollout = RolloutConfig(engine=a.engine, dtype="float32", enforce_eager=True, max_model_len=a.max_context + a.max_tokens)
+    engine_cfg = lambda m: engine_config(rollout, m, seed=a.seed)  # noqa: E731  (the driver's construction path)
     extra = {}
     if a.generator_model:
         gen_engine = make_engine(engine_cfg(a.generator_model))

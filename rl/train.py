@@ -2,10 +2,10 @@
 
     generate -> score -> advantages -> train -> sync weights -> log -> checkpoint
 
-`main` is the loop, on one screen; `Run` holds the set-up (config, run dir, tokenizer, data, scorers,
-workers) and the steps that need several of them. Sync mode trains on samples from the current weights;
-async mode generates step k+1's samples while step k trains (staleness 1, bounded by
-`trainer.max_staleness`; older samples are dropped and counted).
+`setup` turns the config into plain components (no Ray yet: every config and data error surfaces first);
+`rl.components` builds the engines and the learner; `Prefetcher` owns the one scheduling decision (sync:
+collect step k+1 after step k's weights reached the engines; async: while step k trains, staleness 1,
+bounded by `trainer.max_staleness`: older samples are dropped and counted); `_loop` is the loop.
 """
 from __future__ import annotations
 
@@ -14,13 +14,15 @@ import math
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from rl import pipeline
+from rl import components, pipeline
+from rl.eval import evaluate_setup as evaluate
 from rl.cluster import ray_session
-from rl.config import Config, ConfigError, agent_runner, domain_betas, load_config
-from rl.data import DataError, PromptStream, load_prompts
+from rl.components import Setup, setup
+from rl.config import AUTO_NOTES, Config, ConfigError, load_config
+from rl.data import DataError, PromptStream
 from rl.learner import LearnerFailure
 from rollout.manager import StaleWeightsError
 
@@ -34,104 +36,73 @@ class Batch:
     samples: list
     metrics: dict
     position: dict  # data position after this batch's prompts (saved when the batch is trained)
-    seconds: float
     sources: list  # file:row of each prompt
 
 
-class Run:
-    def __init__(self, cfg: Config, for_eval: bool = False):
-        from transformers import AutoTokenizer
+def collect(s: Setup, engines, stream: PromptStream, step: int) -> Batch:
+    """Prompts -> n samples each -> rewards -> advantages (runs in the prefetcher's thread)."""
+    from rewards import take_events
 
-        from rewards import parse_specs
-        from rewards.pool import ScoringPool
-        from rollout.tiny_models import build_tiny_model
-
-        self.cfg, self.dir = cfg, Path(cfg.trainer.run_dir)
-        self.model_path = cfg.model.path or str(self.dir / "model_init")
-        if cfg.model.tiny and not (Path(self.model_path) / "config.json").is_file():
-            build_tiny_model(cfg.model.tiny, self.model_path, seed=cfg.model.seed, dsa_top_k=cfg.model.dsa_top_k,
-                             **cfg.model.tiny_overrides)
-        self.tok = AutoTokenizer.from_pretrained(self.model_path)
-        self.specs = parse_specs(cfg.rewards)
-        room = cfg.rollout.max_model_len - cfg.rollout.max_tokens
-        load = lambda p: load_prompts(p, self.tok, self.specs, room, cfg.data.skip_bad_rows, cfg.data.system_prompt)  # noqa: E731
-        self.train_prompts, self.skipped = ([], []) if for_eval else load(cfg.data.train)
-        self.eval_prompts = load(cfg.data.eval)[0][: cfg.eval.max_prompts] if cfg.data.eval else []
-        self.pool = ScoringPool(timeout_s=30.0)
-        self.betas = domain_betas(cfg, self.specs)
-        self.agent = agent_runner(cfg, self.tok)  # tool-use episodes for cfg.agent.domains
-        self.ckpt = self.dir / "checkpoints" / "latest"
-        self._engines = None
-
-    @classmethod
-    def create(cls, overrides: list[str], config_name: str = "config", for_eval: bool = False) -> "Run":
-        return cls(load_config(overrides, config_name), for_eval)
-
-    def engines(self, model: str | None = None):
-        from rollout.engine import EngineConfig
-        from rollout.manager import RolloutManager
-
-        if self._engines is None:
-            r = self.cfg.rollout
-            ecfg = EngineConfig(model=model or self.model_path, engine=r.engine, dtype=r.dtype,
-                                max_model_len=r.max_model_len, seed=self.cfg.trainer.seed)
-            self._engines = RolloutManager(ecfg, r.num_engines, r.chunk_prompts, num_cpus=r.engine_cpus, num_gpus=r.engine_gpus)
-        return self._engines
-
-    def learner(self):
-        from rl.learner import LearnerConfig, LearnerGroup
-
-        a, t = self.cfg.algo, self.cfg.trainer
-        lcfg = LearnerConfig(model=self.model_path, lr=t.lr, warmup_steps=t.warmup_steps, grad_clip=t.grad_clip,
-                             micro_batch_size=t.micro_batch_size, logprob_chunk=t.logprob_chunk, loss=a.name,
-                             clip_eps=a.clip_eps, clip_eps_high=a.clip_eps_high, kl_estimator=a.kl_estimator,
-                             opsm_delta=a.opsm_delta, aggregation=a.aggregation, keep_routing=a.keep_routing,
-                             keep_sampling_mask=a.keep_sampling_mask, temperature=self.cfg.rollout.temperature,
-                             kl_coefs=self.betas, seed=t.seed, dsa_loss=a.dsa_loss, dsa_loss_coef=a.dsa_loss_coef)
-        return LearnerGroup(lcfg, t.world_size, num_cpus=t.learner_cpus, num_gpus=t.learner_gpus)
-
-    def collect(self, stream: PromptStream, step: int) -> Batch:
-        """Prompts -> n samples each -> rewards -> advantages (runs in a thread in async mode)."""
-        t0, r = time.time(), self.cfg.rollout
-        prompts = stream.next(self.cfg.data.prompts_per_step)
-        sampling_cfg = _sampling(r, seed=self.cfg.trainer.seed * 100_003 + step)
-        samples, gen = pipeline.generate(self.engines(), prompts, sampling_cfg, self.agent)
-        t1 = time.time()
-        rew = pipeline.score(samples, self.specs, self.pool, self.tok)
-        adv = pipeline.assign_advantages(samples, len(prompts), r.n, self.cfg.algo.advantage)
-        from rewards import take_events
-
-        events = {f"events/{k}": v for k, v in take_events().items()}
-        timing = {"time/generate": t1 - t0, "time/score": time.time() - t1}
-        return Batch(samples, {**gen, **rew, **adv, **events, **timing}, stream.position, time.time() - t0,
-                     [p.source for p in prompts])
-
-    def sync(self, learner, version: int) -> float:
-        """Learner weights -> /dev/shm checkpoint -> every engine; versions are checked (StaleWeightsError)."""
-        from rollout.weights import default_sync_root
-
-        t0 = time.time()
-        path = learner.export_hf(str(default_sync_root() / f"v32rl-sync-{self.dir.resolve().name}"), version=version)
-        self.engines().update_weights(path, version)
-        return time.time() - t0
-
-    def evaluate(self, engines) -> dict:
-        from rl.eval import evaluate
-
-        if not self.eval_prompts:
-            return {}
-        e = self.cfg.eval
-        return evaluate(engines, self.eval_prompts, self.specs, self.pool, self.tok, e.k, e.temperature,
-                        self.cfg.rollout.max_tokens, seed=self.cfg.trainer.seed, agent=self.agent)
-
-    def save(self, learner, step: int, position: dict) -> None:
-        learner.save_checkpoint(str(self.ckpt), {"step": step, "data_position": position})
+    t0, cfg = time.time(), s.cfg
+    prompts = stream.next(cfg.data.prompts_per_step)
+    sampling = components.sampling(cfg.rollout, seed=cfg.trainer.seed * 100_003 + step)
+    samples, gen = pipeline.generate(engines, prompts, sampling, s.agent)
+    t1 = time.time()
+    rew = pipeline.score(samples, s.specs, s.pool, s.tok)
+    events = {f"events/{k}": v for k, v in take_events().items()}
+    adv = pipeline.assign_advantages(samples, len(prompts), cfg.rollout.n, cfg.algo.advantage)
+    timing = {"time/generate": t1 - t0, "time/score": time.time() - t1}
+    return Batch(samples, {**gen, **rew, **adv, **events, **timing}, stream.position, [p.source for p in prompts])
 
 
-def _sampling(r, seed: int):
-    from rollout.engine import SamplingConfig
+class Prefetcher:
+    """The scheduling of collection, in one place. Sync: step k+1's samples are collected after step k's
+    weights reached the engines (on-policy). Async: collection of step k+1 starts as soon as step k's batch
+    is taken, so generation overlaps training and samples are one policy version stale."""
 
-    return SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_tokens, seed=seed)
+    def __init__(self, collect_fn, mode: str, steps: int):
+        self.collect_fn, self.mode, self.steps = collect_fn, mode, steps
+        self.pool = ThreadPoolExecutor(1)
+        self.pending = None
+
+    def start(self, step: int) -> None:
+        if step < self.steps:
+            self.pending = self.pool.submit(self.collect_fn, step)
+
+    def take(self, step: int) -> Batch:
+        batch = self.pending.result()
+        if self.mode == "async":
+            self.start(step + 1)  # generates while this step trains
+        return batch
+
+    def weights_synced(self, step: int) -> None:
+        if self.mode == "sync":
+            self.start(step + 1)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def sync_weights(learner, engines, run_dir: Path, version: int) -> float:
+    """Learner weights -> checkpoint in the run dir -> every engine; versions are checked (StaleWeightsError)."""
+    t0 = time.time()
+    engines.update_weights(learner.export_hf(str(run_dir / "weights_sync"), version=version), version)
+    return time.time() - t0
+
+
+def train(learner, batch: Batch, step: int, cfg: Config) -> dict:
+    """One optimiser step on the batch's trainable samples no staler than `trainer.max_staleness`."""
+    trainable = pipeline.trainable(batch.samples)
+    fresh = [x for x in trainable if step - x.policy_version <= cfg.trainer.max_staleness]
+    t0 = time.time()
+    metrics = learner.train_step(fresh) if fresh else {"loss": 0.0}
+    return {**{f"train/{k}": v for k, v in metrics.items()}, "time/train": time.time() - t0,
+            "rollout/stale_dropped": len(trainable) - len(fresh)}
+
+
+def due(every: int, step: int, last: int) -> bool:
+    """A periodic action (eval, save) after `step` (1-based); the last step has its own."""
+    return bool(every) and step % every == 0 and step < last
 
 
 def check_budgets(batch: Batch, metrics: dict, cfg: Config, nonfinite: int) -> int:
@@ -140,59 +111,58 @@ def check_budgets(batch: Batch, metrics: dict, cfg: Config, nonfinite: int) -> i
     if batch.samples and len(bad) / len(batch.samples) > cfg.trainer.max_failure_rate:
         raise RunError(f"{len(bad)} of {len(batch.samples)} samples failed or abstained this step "
                        f"(> trainer.max_failure_rate={cfg.trainer.max_failure_rate})")
-    if not math.isfinite(metrics.get("loss", 0.0)) or metrics.get("skipped", 0.0):
+    if not math.isfinite(metrics.get("train/loss", 0.0)) or metrics.get("train/skipped", 0.0):
         nonfinite += 1
         if nonfinite > cfg.trainer.max_nonfinite_steps:
             raise RunError(f"{nonfinite} steps had a non-finite loss or gradient (> trainer.max_nonfinite_steps)")
     return nonfinite
 
 
-def _loop(cfg: Config, run: Run, resume: bool):
+def start(s: Setup, learner, engines, resume: bool):
+    """Restore (or distil), bring the engines to the learner's weights, and open the tracker and the stream."""
     from rl.distill import distill
     from rl.tracking import Tracker
 
-    with ray_session(cfg.cluster), ThreadPoolExecutor(1) as bg:
-        learner, engines = run.learner(), run.engines()
-        state = learner.load_checkpoint(str(run.ckpt)) if resume else {"step": 0, "data_position": None}
-        tracker = Tracker(str(run.dir), cfg, resume_step=state["step"] if resume else None)
-        stream = PromptStream(run.train_prompts, cfg.data.shuffle_seed)
-        if state["data_position"]:
-            stream.restore(state["data_position"])
-        if cfg.distill.enabled and not resume:
-            tracker.log(0, {"_kind": "distill", **distill(run, learner)})
-        if resume or cfg.distill.enabled:
-            run.sync(learner, version=state["step"])
-        if not resume:
-            tracker.log(0, {"_kind": "eval", **run.evaluate(engines)})
+    state = learner.load_checkpoint(str(s.ckpt)) if resume else {"step": 0, "data_position": None}
+    tracker = Tracker(str(s.dir), s.cfg, resume_step=state["step"] if resume else None)
+    stream = PromptStream(s.train_prompts, s.cfg.data.shuffle_seed)
+    if state["data_position"]:
+        stream.restore(state["data_position"])
+    if s.cfg.distill.enabled and not resume:
+        tracker.log(0, {"_kind": "distill", **distill(s.cfg, s.tok, s.specs, s.pool, s.agent, s.train_prompts, learner)})
+    if resume or s.cfg.distill.enabled:
+        sync_weights(learner, engines, s.dir, state["step"])
+    if not resume:
+        tracker.log(0, {"_kind": "eval", **evaluate(s, engines)})
+    return state["step"], tracker, stream
+
+
+def _loop(s: Setup, resume: bool):
+    cfg, steps = s.cfg, s.cfg.trainer.steps
+    with ray_session(cfg.cluster):
+        learner, engines = components.learner(cfg, s.model_path, s.kl_coefs), components.engines(cfg, s.model_path)
+        first, tracker, stream = start(s, learner, engines, resume)
+        prefetch = Prefetcher(lambda k: collect(s, engines, stream, k), cfg.trainer.mode, steps)
+        prefetch.start(first)
         nonfinite, t_last = 0, time.time()
-        pending = bg.submit(run.collect, stream, state["step"]) if state["step"] < cfg.trainer.steps else None
-        for step in range(state["step"], cfg.trainer.steps):
-            batch = pending.result()
-            if cfg.trainer.mode == "async" and step + 1 < cfg.trainer.steps:
-                pending = bg.submit(run.collect, stream, step + 1)  # generates while this step trains
-            fresh = [s for s in pipeline.trainable(batch.samples) if step - s.policy_version <= cfg.trainer.max_staleness]
-            t0 = time.time()
-            metrics = learner.train_step(fresh) if fresh else {"loss": 0.0}
-            t_train = time.time() - t0
-            t_sync = run.sync(learner, version=step + 1)
-            nonfinite = check_budgets(batch, metrics, cfg, nonfinite)
-            if cfg.trainer.mode == "sync" and step + 1 < cfg.trainer.steps:
-                pending = bg.submit(run.collect, stream, step + 1)
-            row = {**batch.metrics, **{f"train/{k}": v for k, v in metrics.items()}, "time/train": t_train,
-                   "time/sync": t_sync, "rollout/stale_dropped": len(pipeline.trainable(batch.samples)) - len(fresh),
-                   "time/step": time.time() - t_last}  # wall since the previous step's row (async overlap shows here)
-            t_last = time.time()
-            if cfg.trainer.eval_every and (step + 1) % cfg.trainer.eval_every == 0 and step + 1 < cfg.trainer.steps:
-                row.update(run.evaluate(engines))
+        for step in range(first, steps):
+            batch = prefetch.take(step)
+            row = {**batch.metrics, **train(learner, batch, step, cfg)}
+            row["time/sync"] = sync_weights(learner, engines, s.dir, version=step + 1)
+            prefetch.weights_synced(step)
+            nonfinite = check_budgets(batch, row, cfg, nonfinite)
+            row["time/step"], t_last = time.time() - t_last, time.time()  # wall between rows (async overlap shows)
+            if due(cfg.trainer.eval_every, step + 1, steps):
+                row.update(evaluate(s, engines))
             tracker.log(step + 1, row)
             tracker.log_consumed(step + 1, batch.sources)
             _progress(cfg, step + 1, row)
-            if cfg.trainer.save_every and (step + 1) % cfg.trainer.save_every == 0:
-                run.save(learner, step + 1, batch.position)
-        final = run.evaluate(engines)
-        tracker.log(cfg.trainer.steps, {"_kind": "eval", **final})
-        run.save(learner, cfg.trainer.steps, stream.position)  # nothing is in flight after the last step
-        learner.export_hf(str(run.dir / "final_model"))
+            if due(cfg.trainer.save_every, step + 1, steps + 1):
+                learner.save_checkpoint(str(s.ckpt), {"step": step + 1, "data_position": batch.position})
+        prefetch.close()
+        tracker.log(steps, {"_kind": "eval", **evaluate(s, engines)})
+        learner.save_checkpoint(str(s.ckpt), {"step": steps, "data_position": stream.position})  # nothing in flight
+        learner.export_hf(str(s.dir / "final_model"))
         learner.shutdown()
     return tracker
 
@@ -204,26 +174,27 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         cfg = load_config(a.overrides, a.config_name)  # fails fast, before Ray or any model starts
-        run = Run(cfg)
+        s = setup(cfg)
     except (ConfigError, DataError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from rl.tracking import summary_table
     from rollout.weights import recover_dir
 
-    note = recover_dir(run.ckpt)  # a crash during the last checkpoint write
+    if AUTO_NOTES:
+        print("auto settings: " + "; ".join(AUTO_NOTES), flush=True)
+    note = recover_dir(s.ckpt)  # a crash during the last checkpoint write
     if note:
         print(f"checkpoint recovery: {note}", file=sys.stderr)
-    resume = (run.ckpt / "COMPLETE").is_file()
     try:
-        tracker = _loop(cfg, run, resume)
+        tracker = _loop(s, resume=(s.ckpt / "COMPLETE").is_file())
     except (RunError, LearnerFailure, StaleWeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     tracker.finish()
     keys = sorted({k for h in tracker.history for k in h if k.startswith(("reward/", "eval/", "train/kl", "train/opsm"))})
     print(summary_table(tracker.history, keys))
-    print(f"run dir: {run.dir}  (metrics.jsonl, *.png, wandb/)")
+    print(f"run dir: {s.dir}  (metrics.jsonl, *.png, wandb/)")
     return 0
 
 

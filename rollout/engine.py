@@ -50,6 +50,28 @@ def check_model_dir(path: str, key: str = "model") -> Path:
     return p
 
 
+def read_model_config(path: str) -> dict:
+    import json
+
+    with open(Path(path) / "config.json") as f:
+        return json.load(f)
+
+
+def is_moe_checkpoint(path: str) -> bool:
+    cfg = read_model_config(path)
+    return bool(cfg.get("num_experts") or cfg.get("n_routed_experts") or cfg.get("num_local_experts"))
+
+
+def vocab_size_of(path: str) -> int:
+    return int(read_model_config(path)["vocab_size"])
+
+
+def captures_needed(keep_routing: bool, keep_sampling_mask: bool, moe: bool, top_k: int, top_p: float) -> tuple[bool, bool]:
+    """(routed experts, sampling masks) that the corrections need from the engine: routing for keep routing
+    on a MoE model; kept sets for keep sampling mask when sampling truncates (top-k or top-p < 1)."""
+    return keep_routing and moe, keep_sampling_mask and (top_k > 0 or top_p < 1.0)
+
+
 def make_engine(cfg: EngineConfig):
     """Construct the configured engine in this process."""
     import rollout.reference_engine  # noqa: F401  (register)

@@ -110,6 +110,19 @@ class KeptSets:
         return cls._pack([np.flatnonzero(m) for m in mask], mask.shape[1])
 
     @classmethod
+    def from_encoded(cls, rows: list[tuple[bool, bytes]], vocab_size: int) -> "KeptSets":
+        """From rows already encoded as (is_bitmap, bytes): int32 ids or a ceil(V/8)-byte little-order bitmap
+        (what `rollout.vllm_kept` records on the GPU); nothing is decoded."""
+        width = (vocab_size + 7) // 8
+        bad = [j for j, (b, raw) in enumerate(rows) if ((len(raw) != width) if b else (len(raw) % 4 != 0))]
+        if bad:
+            raise ValueError(f"KeptSets: row {bad[0]} has {len(rows[bad[0]][1])} bytes, not a bitmap or int32 ids")
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(raw) for _, raw in rows])
+        data = np.frombuffer(b"".join(raw for _, raw in rows), dtype=np.uint8).copy()
+        return cls(vocab_size, offsets, data, np.array([b for b, _ in rows], dtype=bool))
+
+    @classmethod
     def _pack(cls, rows: list[np.ndarray], vocab_size: int) -> "KeptSets":
         width = (vocab_size + 7) // 8
         chunks, bitmap = [], np.zeros(len(rows), dtype=bool)

@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from rollout.engine import ENGINES, EngineConfig, SamplingConfig, check_model_dir
+from rollout.engine import ENGINES, EngineConfig, SamplingConfig, check_model_dir, is_moe_checkpoint, vocab_size_of
 from rollout.sample import KeptSets, Sample, Status
 
 # Defaults that make vLLM usable on a small CPU machine; an explicit environment value wins.
@@ -45,13 +45,14 @@ class VLLMEngine:
             for k, v in CPU_ENV_DEFAULTS.items():
                 os.environ.setdefault(k, v)
         self.cfg = cfg
-        self.is_moe = _is_moe(cfg.model)
-        # vLLM < 0.28 cannot return sampling masks: recover the kept set from the processed log-probs of
-        # the whole vocabulary instead (exact, but the output grows with the vocabulary: fine for tiny and
-        # test models, prohibitive for a 150k vocabulary).
-        self.mask_from_logprobs = cfg.return_sampling_mask and (
-            cfg.extra.get("sampling_mask_source") == "logprobs" or not _has_native_sampling_mask())
-        self.vocab_size = _config(cfg.model)["vocab_size"]
+        self.is_moe = is_moe_checkpoint(cfg.model)
+        self.vocab_size = vocab_size_of(cfg.model)
+        self.mask_source = _mask_source(cfg) if cfg.return_sampling_mask else None
+        if self.mask_source == "sampler":
+            from rollout.vllm_kept import ENV
+
+            os.environ.update(ENV)  # the V1 runner, the native sampler we wrap, functions over collective_rpc
+        self.mask_from_logprobs = self.mask_source == "logprobs"
         self.llm = self._start(cfg.model)
         self.policy_version = 0
 
@@ -73,11 +74,16 @@ class VLLMEngine:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         if cfg.enable_return_routed_experts:
             kwargs["enable_return_routed_experts"] = True
-        if self.mask_from_logprobs:
+        if self.mask_source == "logprobs":
             kwargs["max_logprobs"] = self.vocab_size
-        elif cfg.return_sampling_mask:
+        elif self.mask_source == "native":
             kwargs["return_sampling_mask"] = True
-        return LLM(**kwargs)
+        llm = LLM(**kwargs)
+        if self.mask_source == "sampler":
+            from rollout import vllm_kept
+
+            llm.collective_rpc(vllm_kept.install)
+        return llm
 
     def update_weights(self, path: str, version: int) -> None:
         """Load the HF checkpoint at `path` (the learner's export) and take its policy version.
@@ -134,13 +140,19 @@ class VLLMEngine:
             detokenize=False,
         )
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        kept = {}
+        if self.mask_source == "sampler":
+            from rollout import vllm_kept
+
+            kept = vllm_kept.attach(outs, self.llm.collective_rpc(vllm_kept.collect)[0], self.vocab_size)
         samples = []
         for i, out in enumerate(outs):
             for c in out.outputs:
-                samples.append(self._to_sample(list(out.prompt_token_ids), c, prompt_offset + i))
+                samples.append(self._to_sample(list(out.prompt_token_ids), c, prompt_offset + i,
+                                               kept.get((out.request_id, c.index))))
         return samples
 
-    def _to_sample(self, prompt_ids: list[int], c, prompt_index: int) -> Sample:
+    def _to_sample(self, prompt_ids: list[int], c, prompt_index: int, kept=None) -> Sample:
         ids = list(c.token_ids)
         s = Sample(
             prompt_ids=prompt_ids,
@@ -156,11 +168,17 @@ class VLLMEngine:
         if routed is not None:
             s.routed_experts = np.asarray(routed)
         mask = getattr(c, "sampling_mask", None)  # vLLM >= 0.28: kept token ids per generated token
-        if mask is not None:
+        if kept is not None:  # recorded where vLLM < 0.28 samples (rollout.vllm_kept)
+            s.kept = kept
+        elif mask is not None:
             s.kept = KeptSets.from_lists(mask.token_ids, self.vocab_size)
         elif self.mask_from_logprobs:  # the support of the processed distribution
             s.kept = KeptSets.from_lists(
                 [[t for t, lp in d.items() if lp.logprob > float("-inf")] for d in c.logprobs], self.vocab_size)
+        if self.cfg.enable_return_routed_experts and s.routed_experts is None:
+            raise RuntimeError("vLLM returned no routed experts although enable_return_routed_experts is on")
+        if self.mask_source and s.kept is None:
+            raise RuntimeError(f"vLLM returned no sampling mask ({self.mask_source}) although return_sampling_mask is on")
         s.validate()
         return s
 
@@ -168,16 +186,16 @@ class VLLMEngine:
         return self.policy_version
 
 
-def _config(model_dir: str) -> dict:
-    import json
-
-    with open(os.path.join(model_dir, "config.json")) as f:
-        return json.load(f)
-
-
-def _is_moe(model_dir: str) -> bool:
-    cfg = _config(model_dir)
-    return bool(cfg.get("num_experts") or cfg.get("n_routed_experts") or cfg.get("num_local_experts"))
+def _mask_source(cfg: EngineConfig) -> str:
+    """Where kept sets come from: 'native' (vLLM >= 0.28 on GPU), 'sampler' (recorded where vLLM < 0.28
+    samples on GPU, rollout.vllm_kept), or 'logprobs' (the support of full-vocabulary processed
+    log-probs: vLLM on CPU, small vocabularies only; rl.config refuses it above CPU_MASK_MAX_VOCAB)."""
+    forced = cfg.extra.get("sampling_mask_source")
+    if forced:
+        return forced
+    if _is_cpu():
+        return "logprobs"
+    return "native" if _has_native_sampling_mask() else "sampler"
 
 
 def _has_native_sampling_mask() -> bool:

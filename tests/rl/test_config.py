@@ -23,6 +23,8 @@ def test_primary_configs_compose(name):
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS)
 def test_every_group_option_composes(group, option, tiny_dense):
     extra = [f"model.path={tiny_dense}"] if (group, option) == ("model", "local") else []
+    if (group, option) == ("rollout", "vllm"):  # vLLM's CPU runner cannot capture the tiny MoE's routing
+        extra = ["algo.keep_routing=false"]
     cfg = load_config([f"{group}={option}", *extra])
     assert cfg is not None
 
@@ -46,6 +48,12 @@ def test_every_group_option_composes(group, option, tiny_dense):
         (["agent.context_strategy=forget"], r"^agent.context_strategy: unsupported 'forget'. Supported: \['none', 'parallel_fewest_steps', 'discard_75', 'discard_all', 'summary'\]"),
         (["agent.max_context=100000"], r"^agent.max_context: must be in \(0, rollout.max_model_len=512\]"),
         (["agent.tool_context={shell: {}}"], r"^agent.tool_context.shell: unknown tool"),
+        (["rollout.temperature=0"], r"^rollout.temperature: must be > 0 for training"),
+        (["rollout.top_k=-1"], r"^rollout.top_k: must be >= 0"),
+        (["rollout.gpu_memory_utilization=1.5"], r"^rollout.gpu_memory_utilization: must be in \(0, 1\]"),
+        (["trainer.param_dtype=fp8"], r"^trainer.param_dtype: auto \| float32 \| bfloat16"),
+        (["rollout=vllm"], r"^algo.keep_routing: vLLM on CPU \(rollout.engine_gpus=0\) cannot capture the routed experts.*"
+                           r"use rollout=reference \(exact capture on CPU\) or algo.keep_routing=false"),
     ],
 )
 def test_bad_config_names_the_key(overrides, message):
@@ -61,3 +69,38 @@ def test_cli_fails_fast_with_one_line():
     res = subprocess.run([sys.executable, "-m", "rl.train", "algo.clip_eps=0"], cwd=root, capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == "error: algo.clip_eps: must be in (0, 1), got 0.0"
     assert time.monotonic() - t0 < 30  # process start + imports; the check itself is the < 5 s above
+
+
+def test_auto_settings_follow_the_machine():
+    """The default config runs on a CPU machine (reference engine, fp32, eager) and on a GPU machine (vLLM,
+    bf16, CUDA graphs, its own GPU per engine and learner), and says what it chose."""
+    from rl.config import AUTO_NOTES
+
+    cpu = load_config([], gpus=0)
+    assert (cpu.rollout.engine, cpu.rollout.engine_gpus, cpu.trainer.learner_gpus) == ("reference", 0.0, 0.0)
+    assert (cpu.rollout.dtype, cpu.trainer.param_dtype, cpu.rollout.enforce_eager) == ("float32", "float32", True)
+    assert "rollout.engine=reference (no GPU visible)" in AUTO_NOTES
+    gpu = load_config([], gpus=2)
+    assert (gpu.rollout.engine, gpu.rollout.engine_gpus, gpu.trainer.learner_gpus) == ("vllm", 1.0, 1.0)
+    assert (gpu.rollout.dtype, gpu.trainer.param_dtype, gpu.rollout.enforce_eager) == ("bfloat16", "bfloat16", False)
+    assert gpu.rollout.gpu_memory_utilization == 0.85
+    one = load_config([], gpus=1)
+    assert (one.rollout.engine_gpus, one.trainer.learner_gpus, one.rollout.gpu_memory_utilization) == (0.5, 0.5, 0.4)
+    explicit = load_config(["rollout=vllm", "rollout.engine_gpus=1", "rollout.dtype=float16"], gpus=1)
+    assert (explicit.rollout.engine_gpus, explicit.rollout.dtype) == (1.0, "float16")  # the user's word wins
+
+
+def test_corrections_decide_the_engine_captures(tiny_dense):
+    from rl import components
+
+    v32 = load_config(["rollout.top_p=0.95"], gpus=2)
+    assert components.captures(v32) == components.Captures(routing=True, sampling_mask=True)
+    ecfg = components.engine_config(v32.rollout, "m", want=components.captures(v32))
+    assert ecfg.enable_return_routed_experts and ecfg.return_sampling_mask and ecfg.dtype == "bfloat16"
+    lcfg = components.learner_config(v32, "m", {})
+    assert lcfg.require_routing and lcfg.require_sampling_mask and lcfg.param_dtype == "bfloat16"
+    assert components.captures(load_config([], gpus=2)).sampling_mask is False  # top_p = 1: nothing truncated
+    dense = load_config([f"model.path={tiny_dense}", "model.tiny=null", "rollout.top_k=5"], gpus=2)
+    assert components.captures(dense) == components.Captures(routing=False, sampling_mask=True)
+    off = load_config(["rollout.top_p=0.9", "algo.keep_routing=false", "algo.keep_sampling_mask=false"], gpus=2)
+    assert components.captures(off) == components.Captures(False, False)

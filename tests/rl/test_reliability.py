@@ -132,19 +132,19 @@ def test_dead_learner_rank_fails_fast_naming_it(ray_cluster, tiny_dense):
 
 def _batch(rewards):
     samples = [Sample(prompt_ids=[1], response_ids=[2], status=Status.COMPLETED, reward=r) for r in rewards]
-    return Batch(samples, {}, {}, 0.0, [])
+    return Batch(samples, {}, {}, [])
 
 
 def test_budgets_stop_the_run_with_the_count():
     cfg = load_config(["trainer.max_nonfinite_steps=2", "trainer.max_failure_rate=0.5"])
     n = 0
     for _ in range(2):
-        n = check_budgets(_batch([1.0, 0.0]), {"loss": float("nan")}, cfg, n)
+        n = check_budgets(_batch([1.0, 0.0]), {"train/loss": float("nan")}, cfg, n)
     with pytest.raises(RunError, match=r"3 steps had a non-finite loss or gradient \(> trainer.max_nonfinite_steps\)"):
-        check_budgets(_batch([1.0, 0.0]), {"loss": 0.1, "skipped": 1.0}, cfg, n)
-    assert check_budgets(_batch([1.0, None]), {"loss": 0.1}, cfg, 0) == 0  # 50% failed: at the limit
+        check_budgets(_batch([1.0, 0.0]), {"train/loss": 0.1, "train/skipped": 1.0}, cfg, n)
+    assert check_budgets(_batch([1.0, None]), {"train/loss": 0.1}, cfg, 0) == 0  # 50% failed: at the limit
     with pytest.raises(RunError, match=r"2 of 3 samples failed or abstained this step"):
-        check_budgets(_batch([1.0, None, None]), {"loss": 0.1}, cfg, 0)
+        check_budgets(_batch([1.0, None, None]), {"train/loss": 0.1}, cfg, 0)
 
 
 def test_ray_head_exposure():

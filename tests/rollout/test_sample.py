@@ -37,6 +37,19 @@ def test_worst_case_bytes_at_a_real_vocabulary():
     assert k.row(0).tolist() == list(range(int(0.95 * big)))
 
 
+def test_from_encoded_equals_from_lists():
+    """Rows recorded on the GPU (rollout.vllm_kept) arrive encoded; they decode to the same sets."""
+    rng = np.random.default_rng(3)
+    rows = _rows(rng, [2, 600, 9])
+    enc = [(False, np.sort(rows[0]).astype("<i4").tobytes()),
+           (True, np.packbits(np.isin(np.arange(1000), rows[1]), bitorder="little").tobytes()),
+           (False, rows[2].astype("<i4").tobytes())]
+    got = KeptSets.from_encoded(enc, V)
+    assert [sorted(r.tolist()) for r in got.rows()] == [sorted(r.tolist()) for r in rows]
+    with pytest.raises(ValueError, match="row 0 has 3 bytes"):
+        KeptSets.from_encoded([(False, b"abc")], V)
+
+
 def test_take_and_concat():
     rng = np.random.default_rng(1)
     a = KeptSets.from_lists(_rows(rng, [3, 200]), V)

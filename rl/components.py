@@ -1,0 +1,131 @@
+"""One construction path from the config to every component: the rollout engines, the learner, the scorers
+and the sampling settings. The driver, distillation, evaluation and `rl.synthesize` all build through
+here, so a config key that is wired here reaches every path (torchtune's `config.instantiate`, by hand).
+
+The corrections decide the engine's captures (`captures`): keep routing on a MoE model turns on
+routed-expert capture, keep sampling mask with truncating sampling turns on sampling masks, and the
+learner is told to require them (a sample without one is an error, never a silent fallback).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from rl.config import Config, RolloutConfig, agent_runner, domain_betas, model_is_moe
+from rollout.engine import EngineConfig, SamplingConfig, captures_needed, is_moe_checkpoint
+
+
+@dataclass(frozen=True)
+class Captures:
+    routing: bool  # routed experts per token (keep routing)
+    sampling_mask: bool  # kept sets per token (keep sampling mask)
+
+
+def captures(cfg: Config, model: str | None = None) -> Captures:
+    """What the engines must capture for this config's corrections (`model`: the checkpoint that runs)."""
+    moe = is_moe_checkpoint(model) if model and (Path(model) / "config.json").is_file() else model_is_moe(cfg)
+    r, a = cfg.rollout, cfg.algo
+    return Captures(*captures_needed(a.keep_routing, a.keep_sampling_mask, moe, r.top_k, r.top_p))
+
+
+def engine_config(r: RolloutConfig, model: str, seed: int = 0, want: Captures = Captures(False, False)) -> EngineConfig:
+    """The engine settings of `rollout.*` for `model` (resolved: no 'auto' left, see rl.config.resolve_auto)."""
+    return EngineConfig(model=model, engine=r.engine, dtype=r.dtype, max_model_len=r.max_model_len,
+                        tensor_parallel_size=r.tensor_parallel_size, enforce_eager=bool(r.enforce_eager),
+                        gpu_memory_utilization=r.gpu_memory_utilization or 0.4, seed=seed,
+                        enable_return_routed_experts=want.routing, return_sampling_mask=want.sampling_mask,
+                        extra=dict(r.extra))
+
+
+def engines(cfg: Config, model: str, want: Captures | None = None):
+    """The rollout engines (Ray actors behind a RolloutManager) for `model`; captures from the config
+    unless `want` says otherwise (distillation's specialists need none)."""
+    from rollout.manager import RolloutManager
+
+    r = cfg.rollout
+    ecfg = engine_config(r, model, cfg.trainer.seed, captures(cfg, model) if want is None else want)
+    return RolloutManager(ecfg, r.num_engines, r.chunk_prompts, num_cpus=r.engine_cpus, num_gpus=r.engine_gpus or 0)
+
+
+def learner_config(cfg: Config, model: str, kl_coefs: dict[str, float]):
+    from rl.algos import LossConfig
+    from rl.learner import LearnerConfig
+
+    a, t = cfg.algo, cfg.trainer
+    want = captures(cfg, model)
+    return LearnerConfig(
+        model=model, lr=t.lr, warmup_steps=t.warmup_steps, grad_clip=t.grad_clip, micro_batch_size=t.micro_batch_size,
+        logprob_chunk=t.logprob_chunk, param_dtype=t.param_dtype, gradient_checkpointing=t.gradient_checkpointing,
+        loss=a.name, loss_cfg=LossConfig(clip_eps=a.clip_eps, clip_eps_high=a.clip_eps_high, kl_estimator=a.kl_estimator,
+                                         opsm_delta=a.opsm_delta, aggregation=a.aggregation),
+        keep_routing=a.keep_routing, keep_sampling_mask=a.keep_sampling_mask, require_routing=want.routing,
+        require_sampling_mask=want.sampling_mask, temperature=cfg.rollout.temperature, kl_coefs=kl_coefs,
+        seed=t.seed, dsa_loss=a.dsa_loss, dsa_loss_coef=a.dsa_loss_coef)
+
+
+def learner(cfg: Config, model: str, kl_coefs: dict[str, float]):
+    """The learner ranks (Ray actors, FSDP2) for `model`."""
+    from rl.learner import LearnerGroup
+
+    t = cfg.trainer
+    return LearnerGroup(learner_config(cfg, model, kl_coefs), t.world_size, num_cpus=t.learner_cpus,
+                        num_gpus=t.learner_gpus or 0)
+
+
+def scoring_pool(cfg: Config):
+    from rewards.pool import ScoringPool
+
+    return ScoringPool(timeout_s=cfg.trainer.scoring_timeout_s)
+
+
+def sampling(r: RolloutConfig, seed: int | None, n: int | None = None) -> SamplingConfig:
+    """Training sampling settings of `rollout.*` (n samples per prompt)."""
+    return SamplingConfig(n=r.n if n is None else n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                          max_tokens=r.max_tokens, seed=seed)
+
+
+@dataclass
+class Setup:
+    """What the config resolves to before anything starts: paths, tokenizer, data, scorers."""
+
+    cfg: Config
+    dir: Path
+    model_path: str
+    tok: object
+    specs: dict
+    train_prompts: list
+    eval_prompts: list
+    pool: object
+    kl_coefs: dict
+    agent: object
+
+    @property
+    def ckpt(self) -> Path:
+        return self.dir / "checkpoints" / "latest"
+
+
+def setup(cfg: Config, for_eval: bool = False) -> Setup:
+    from transformers import AutoTokenizer
+
+    from rewards import parse_specs
+    from rollout.tiny_models import build_tiny_model
+
+    run_dir = Path(cfg.trainer.run_dir)
+    model_path = cfg.model.path or str(run_dir / "model_init")
+    if cfg.model.tiny and not (Path(model_path) / "config.json").is_file():
+        build_tiny_model(cfg.model.tiny, model_path, seed=cfg.model.seed, dsa_top_k=cfg.model.dsa_top_k,
+                         **cfg.model.tiny_overrides)
+    tok = AutoTokenizer.from_pretrained(model_path)
+    specs = parse_specs(cfg.rewards)
+    room = cfg.rollout.max_model_len - cfg.rollout.max_tokens
+
+    def load(path: str, which: str):
+        from rl.data import load_prompts
+
+        return load_prompts(path, tok, specs, room, cfg.data.skip_bad_rows, cfg.data.system_prompt,
+                            data_cfg=cfg.data, which=which)
+
+    train = [] if for_eval else load(cfg.data.train, "train")[0]
+    evals = load(cfg.data.eval, "eval")[0][: cfg.eval.max_prompts] if cfg.data.eval else []
+    return Setup(cfg, run_dir, model_path, tok, specs, train, evals, scoring_pool(cfg),
+                 domain_betas(cfg, specs), agent_runner(cfg, tok))
