@@ -557,10 +557,10 @@ _SHIPPED = (_JsonContext, _h_loads, _h_dumps, _h_read_line, _h_read_all, _h_limi
 
 
 @functools.lru_cache(maxsize=None)
-def harness_script(main) -> str:
-    """The source of a sandbox script: the harness helpers above, then `main` (a function written against
-    them, e.g. `rewards.verifier._verifier_main`), called."""
-    return "\n".join([_PROLOGUE] + [inspect.getsource(obj) for obj in _SHIPPED + (main,)]) + f"\n{main.__name__}()\n"
+def harness_script(main, extra: tuple = ()) -> str:
+    """The source of a sandbox script: the harness helpers above and `extra`, then `main` (a function
+    written against them, e.g. `rewards.verifier._verifier_main`), called."""
+    return "\n".join([_PROLOGUE] + [inspect.getsource(obj) for obj in _SHIPPED + tuple(extra) + (main,)]) + f"\n{main.__name__}()\n"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -574,6 +574,14 @@ _UID_BASE = 1 << 31
 def get_backend(name: str = "local", **options) -> SandboxBackend:
     """A backend by registry name (`local`, `http`); options go to its constructor."""
     return SANDBOX_BACKENDS.get(name)(**options)
+
+
+def backend_from_options(sandbox: str = "local", sandbox_url: str | None = None,
+                         allow_weak_sandbox: bool = False) -> SandboxBackend:
+    """The backend from the options every sandboxed scorer and tool takes (one place, so they mean the same)."""
+    if sandbox == "local":
+        return get_backend("local", allow_weak_sandbox=allow_weak_sandbox)
+    return get_backend(sandbox, **({"url": sandbox_url} if sandbox_url else {}))
 
 
 class SandboxBackend:

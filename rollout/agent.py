@@ -75,11 +75,14 @@ def call_tool(text: str, context: dict) -> str:
 
 
 @register_tool("python", {"type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]})
-def python_tool(code: str, timeout_s: float = 5.0) -> str:
-    """Runs in the rewards sandbox; returns stdout (and the error tail on failure)."""
-    from rewards.sandbox import SandboxLimits, run_python
+def python_tool(code: str, timeout_s: float = 5.0, sandbox: str = "local", sandbox_url: str | None = None,
+                allow_weak_sandbox: bool = False) -> str:
+    """Runs in the rewards sandbox (`rewards.sandbox`; the options as for the `code` scorer); returns stdout
+    (and the error tail on failure)."""
+    from rewards.sandbox import SandboxLimits, backend_from_options, run_python
 
-    res = run_python(code, SandboxLimits(timeout_s=timeout_s, cpu_s=max(1, int(timeout_s))))
+    res = run_python(code, SandboxLimits(timeout_s=timeout_s, cpu_s=max(1, int(timeout_s))),
+                     backend=backend_from_options(sandbox, sandbox_url, allow_weak_sandbox))
     if res.limit_hit:
         return "error: timed out"
     return res.stdout[-2000:].rstrip("\n") if res.ok else f"error (exit {res.returncode}): {res.stderr[-1000:]}"

@@ -1,69 +1,80 @@
 """Sandbox escapes: each attempt fails within the timeout and leaves the host unharmed.
 
-Every escape runs twice: with both layers, and with the Python audit-hook layer off, so that the OS layer
-(rlimits, process group, network namespace, dropped privileges) is shown to hold on its own.
+The isolation is bubblewrap's namespaces plus rlimits and a per-run cgroup (`rewards.sandbox`); the
+adversarial cases that try to cheat a score are in `test_sandbox_adversarial.py`.
 """
 from __future__ import annotations
 
 import os
+import re
 import socket
-import threading
 import time
 
 import pytest
 
-from rewards.sandbox import SandboxLimits, run_python
+from rewards.sandbox import SandboxLimits, SandboxUnavailable, get_backend, namespaces_available, run_python
 
 LIMITS = SandboxLimits(timeout_s=4.0, cpu_s=3, memory_mb=512, max_procs=16)
-LAYERS = [pytest.param(True, id="both-layers"), pytest.param(False, id="os-layer-only")]
+_OUR_FLAGS = b"-I\0-S\0-B\0-X\0utf8\0-c\0"
 
 
-def _run(code: str, guard: bool):
+def sandbox_processes() -> list[str]:
+    """Processes of this test process's sandboxes still alive: one of its per-run uids (as root: 2**31 +
+    pid * 256 + ...), or, without root, our interpreter's flags or bwrap's hostname argument."""
+    base = (1 << 31) + ((os.getpid() & 0x3FFFFF) << 8)
+    left = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                uid = int(re.search(r"Uid:\s+(\d+)", f.read()).group(1))
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+        except (OSError, AttributeError):
+            continue
+        ours = base <= uid < base + 256 if os.geteuid() == 0 else (_OUR_FLAGS in cmd or b"--hostname\0sandbox" in cmd)
+        if ours:
+            left.append(f"{pid} uid={uid} {cmd[:60]!r}")
+    return left
+
+
+def _run(code: str):
     t0 = time.monotonic()
-    res = run_python(code, SandboxLimits(**{**LIMITS.__dict__, "python_guard": guard}))
+    res = run_python(code, LIMITS)
     assert time.monotonic() - t0 < LIMITS.timeout_s + 2.0, "the sandbox outlived its wall timeout"
     return res
 
 
 def test_plain_program_runs_and_prints():
-    res = _run("print(sum(range(10)))\nopen('scratch.txt', 'w').write('ok')", True)
-    assert res.ok and res.stdout.strip() == "45"
+    res = _run("print(sum(range(10)))\nopen('scratch.txt', 'w').write('ok')")
+    assert res.ok and res.stdout.strip() == "45" and res.isolation == "namespaces"
 
 
-@pytest.mark.parametrize("guard", LAYERS)
-def test_write_outside_workdir(guard, tmp_path):
+def test_write_outside_workdir(tmp_path):
     target = tmp_path / "escaped.txt"
-    os.chmod(tmp_path, 0o755)  # root-owned: writable only through an escape
-    res = _run(f"open({str(target)!r}, 'w').write('pwned')", guard)
+    os.chmod(tmp_path, 0o777)  # writable by anyone: only the sandbox's own view of the file system protects it
+    res = _run(f"open({str(target)!r}, 'w').write('pwned')")
     assert not res.ok and not target.exists()
 
 
-@pytest.mark.parametrize("guard", LAYERS)
-def test_os_system(guard, tmp_path):
+def test_os_system(tmp_path):
     target = tmp_path / "system.txt"
-    os.chmod(tmp_path, 0o755)
-    res = _run(f"import os\nrc = os.system('touch {target}')\nassert rc == 0", guard)
+    os.chmod(tmp_path, 0o777)
+    res = _run(f"import os\nrc = os.system('touch {target}')\nassert rc == 0")
     assert not res.ok and not target.exists()
 
 
-@pytest.mark.parametrize("guard", LAYERS)
-def test_fork_bomb(guard):
-    res = _run("import os\nwhile True:\n    os.fork()", guard)
+def test_fork_bomb():
+    res = _run("import os\nwhile True:\n    os.fork()")
     assert not res.ok
-    time.sleep(0.2)
-    # Nothing of the bomb survives: no process of the sandbox user is left.
-    left = [p for p in os.listdir("/proc") if p.isdigit() and _uid(p) == 65534 and _cmd(p).startswith("python")]
-    assert not left, f"fork bomb survivors: {left}"
+    assert not sandbox_processes(), "fork bomb survivors"
 
 
-@pytest.mark.parametrize("guard", LAYERS)
-def test_huge_allocation(guard):
-    res = _run("x = bytearray(10 * 1024**3)\nprint(len(x))", guard)
+def test_huge_allocation():
+    res = _run("x = bytearray(10 * 1024**3)\nprint(len(x))")
     assert not res.ok and "MemoryError" in res.stderr
 
 
-@pytest.mark.parametrize("guard", LAYERS)
-def test_socket_connect(guard):
+def test_socket_connect():
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(1)
@@ -78,41 +89,38 @@ def test_socket_connect(guard):
             pass
 
     code = f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\ns.sendall(b'leak')"
-    res = _run(code, guard)
+    res = _run(code)
     accept()
     srv.close()
     assert not res.ok and not accepted, "the sandbox reached a host socket"
 
 
-@pytest.mark.parametrize("guard", LAYERS)
-def test_infinite_loop_is_killed(guard):
-    res = _run("while True:\n    pass", guard)
-    assert not res.ok and (res.timed_out or res.returncode != 0)
+def test_infinite_loop_is_killed():
+    res = _run("while True:\n    pass")
+    assert not res.ok and res.limit_hit
 
 
 def test_sleeping_forever_hits_wall_timeout():
-    res = _run("import time\ntime.sleep(60)", True)
+    res = _run("import time\ntime.sleep(60)")
     assert res.timed_out and res.returncode is None
 
 
-def _uid(pid: str) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(l.split()[1]) for l in f if l.startswith("Uid:"))
-    except (OSError, StopIteration):
-        return None
-
-
-def _cmd(pid: str) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return os.path.basename(f.read().split(b"\0")[0].decode())
-    except OSError:
-        return ""
-
-
-def test_world_writable_tmp_is_refused_by_the_guard():
-    # The OS layer alone cannot stop `nobody` writing to /tmp (world-writable); the audit hook does.
+def test_tmp_is_private_to_the_run():
+    # /tmp inside is the run's own tmpfs: writing there works and never reaches the host's /tmp.
     target = f"/tmp/sandbox-escape-{os.getpid()}"
-    res = _run(f"open({target!r}, 'w').write('x')", True)
-    assert not res.ok and "outside the working directory" in res.stderr and not os.path.exists(target)
+    res = _run(f"open({target!r}, 'w').write('x')\nprint(open({target!r}).read())")
+    assert res.ok and res.stdout.strip() == "x" and not os.path.exists(target)
+
+
+def test_refuses_without_namespaces_unless_accepted(monkeypatch):
+    monkeypatch.setattr("rewards.sandbox.namespaces_available", lambda: "bwrap is not installed")
+    monkeypatch.delenv("V32RL_ALLOW_WEAK_SANDBOX", raising=False)
+    with pytest.raises(SandboxUnavailable, match="allow_weak_sandbox=True"):
+        run_python("print(1)", LIMITS)
+    res = run_python("print(1)", LIMITS, backend=get_backend("local", allow_weak_sandbox=True))
+    assert res.ok and res.stdout.strip() == "1" and res.isolation == "weak"
+
+
+def test_namespaces_are_available_here():
+    # CI runs as root with bubblewrap installed (`make install`); without it every other test here is moot.
+    assert namespaces_available() is None

@@ -26,5 +26,11 @@ def test_a_verifier_that_raises_scores_zero_and_a_broken_one_abstains():
 
 def test_non_bool_and_timeouts():
     assert run_verifier("def verify(a):\n    return 1\n", ["x"]) == ["not a bool: int"]
-    assert run_verifier("def verify(a):\n    while True: pass\n", ["x"], timeout_s=1) == "timed out"
+    # A hang inside verify(answer) is charged to that answer (0.0), not to the verifier (None): each answer
+    # has its own process and deadline, so the others are still checked.
+    hangs_on_x = "def verify(a):\n    while a == 'x': pass\n    return a == 'y'\n"
+    assert run_verifier(hangs_on_x, ["x", "y"], timeout_s=1) == ["timed out", True]
+    assert get_scorer("verifier")(["x", "y"], verifier=[hangs_on_x] * 2, timeout_s=1) == [0.0, 1.0]
     assert "NameError" in run_verifier("verify = lambda a: undefined_name", ["x"])[0]
+    # Hanging while loading is the verifier's fault: it does not load, so the row abstains.
+    assert run_verifier("while True: pass\ndef verify(a):\n    return True\n", ["x"], timeout_s=1).startswith("did not load")
