@@ -842,6 +842,16 @@ class _Cgroup:
                     pause = min(pause * 2, 0.05)
 
 
+def cgroup_limits() -> set[str]:
+    """The totals a run's cgroups enforce here: a subset of {"memory", "pids", "cpu"}, plus "kill" where
+    a v2 group can be killed as a whole. Empty where no cgroup is writable (no root, no delegation)."""
+    cg = _Cgroup(SandboxLimits())
+    try:
+        return cg.limits_in_force() | ({"kill"} if any(kind == "v2" for kind, _ in cg.dirs) else set())
+    finally:
+        cg.close()
+
+
 def _read_pids(path: str) -> list[int]:
     try:
         with open(path) as f:

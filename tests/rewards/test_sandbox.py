@@ -124,3 +124,90 @@ def test_refuses_without_namespaces_unless_accepted(monkeypatch):
 def test_namespaces_are_available_here():
     # CI runs as root with bubblewrap installed (`make install`); without it every other test here is moot.
     assert namespaces_available() is None
+
+
+class FakeSandboxFusion:
+    """A SandboxFusion-shaped `POST /run_code` on 127.0.0.1 that runs the code in a plain subprocess (the
+    programs sent here are benign; the point is the protocol and that verdicts still come from the harness)."""
+
+    def __init__(self):
+        import http.server
+        import json
+        import subprocess
+        import sys
+        import threading
+
+        self.requests: list[dict] = []
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests.append(req)
+                if self.path != "/run_code" or req.get("language") != "python":
+                    reply = {"status": "SandboxError", "message": "unsupported", "run_result": None}
+                else:
+                    try:
+                        p = subprocess.run([sys.executable, "-I", "-S", "-c", req["code"]], input=req.get("stdin") or "",
+                                           capture_output=True, text=True, timeout=req["run_timeout"])
+                        run = {"status": "Finished", "return_code": p.returncode, "stdout": p.stdout, "stderr": p.stderr}
+                    except subprocess.TimeoutExpired:
+                        run = {"status": "TimeLimitExceeded", "return_code": None, "stdout": "", "stderr": ""}
+                    ok = run["status"] == "Finished" and run["return_code"] == 0
+                    reply = {"status": "Success" if ok else "Failed", "message": "", "run_result": run}
+                body = json.dumps(reply).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fusion():
+    f = FakeSandboxFusion()
+    yield f
+    f.close()
+
+
+def test_http_backend_speaks_sandboxfusion(fusion):
+    from rewards import get_scorer
+    from rollout.agent import call_tool
+
+    opts = {"sandbox": "http", "sandbox_url": fusion.url}
+    right, wrong = "def f(x):\n    return x * 7\n", "def f(x):\n    return 0\n"
+    cheats = [wrong + "import sys\nsys.exit(0)\n", "class A:\n    __eq__ = lambda s, o: True\ndef f(x):\n    return A()\n"]
+    tests = [["assert f(6) == 42", "assert f(131071) == 917497"]] * 4
+    assert get_scorer("code")([right, wrong, *cheats], tests=tests, **opts) == [1.0, 0.0, 0.0, 0.0]
+    # The tests travel on stdin, after the harness has forked the program's process; never in the code.
+    assert all(r["language"] == "python" and r["run_timeout"] > 0 for r in fusion.requests)
+    assert not any("917497" in r["code"] for r in fusion.requests) and "917497" in fusion.requests[0]["stdin"]
+    assert call_tool('{"name": "python", "arguments": {"code": "print(6*7)"}}', {"python": opts}) == "42"
+    assert call_tool('{"name": "python", "arguments": {"code": "while True: pass"}}', {"python": {**opts, "timeout_s": 1}}) \
+        == "error: timed out"
+    assert get_scorer("verifier")(["\\boxed{42}", "41"], verifier=["def verify(a):\n    return a == '42'\n"] * 2, **opts) == [1.0, 0.0]
+
+
+def test_http_backend_errors_are_not_scores(fusion):
+    from rewards.sandbox import HttpBackend
+
+    with pytest.raises(SandboxUnavailable, match="unsupported"):
+        run_python("print(1)", backend=HttpBackend(url=fusion.url + "/nope"))
+    with pytest.raises(SandboxUnavailable, match="sandbox service"):
+        run_python("print(1)", backend=HttpBackend(url="http://127.0.0.1:9", request_timeout_s=1))
+
+
+def test_unknown_backend_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"Unsupported sandbox backend 'docker'. Supported: \['http', 'local'\]"):
+        get_backend("docker")
