@@ -1,12 +1,32 @@
 """Run the driver on a Ray cluster.
 
-    python -m launch.submit --address http://127.0.0.1:8265 -- --config-name quickstart trainer.steps=10
+    python -m launch.submit --address http://HEAD:8265 -- --config-name quickstart trainer.steps=10
+    python -m launch.submit --address http://HEAD:8265 --remote-paths --runtime-env env.yaml --wait -- \\
+        model=local model.path=/shared/ckpt data.train=/shared/data/train.jsonl trainer.run_dir=/shared/runs/a
     python -m launch.submit --local -- trainer.steps=2     # attach to `ray start --head` on this machine
 
 The config is composed and validated here first (a bad key fails before anything is sent), saved as
-`<run_dir>/submitted_config.yaml`, and the job runs `python -m rl.train` with the same overrides plus
-`cluster.address=auto` (the job attaches to the cluster it runs on). The working directory is packaged with
-Ray's `runtime_env` (`working_dir`, excluding runs/, .venv/ and caches).
+`<run_dir>/submitted_config.yaml` when that directory can be created here, and the job runs
+`python -m rl.train` with the same overrides plus `cluster.address=auto` (the job attaches to the cluster
+it runs on). The entrypoint is built with `shlex.join`, so an override with spaces, quotes or shell
+characters reaches the job as the one argument it was here.
+
+`--remote-paths`: paths that exist only on the cluster (`model.path`, `agent.docs`) are not checked here;
+the job checks them when it starts. The working directory is packaged with Ray's `runtime_env`
+(`working_dir`, excluding runs/, .venv/, caches and what .gitignore lists); `--runtime-env FILE` /
+`--runtime-env-json JSON` (the `ray job submit` options) add to it or replace its keys, and `env_vars` are
+merged: `--env-var NAME=VALUE` (or `NAME`: this shell's value) over the runtime env's, over the forwarded
+ones. `WANDB_API_KEY` is forwarded from this shell when it is set.
+
+Secrets: values of forwarded variables are never printed nor written by this command (not in the saved
+config, not in the run dir). They travel in the job's runtime env, as Ray passes every `env_vars`: the
+dashboard redacts them for browsers, the Jobs API returns them to authenticated clients, and Ray's
+runtime-env agent writes them in its own log on the cluster (`runtime_env_agent.log` under the head's Ray
+temp dir). Where that is not acceptable, set the key in the cluster nodes' environment instead.
+
+Authentication: a cluster with Ray's token authentication needs its token here (`~/.ray/auth_token`,
+`RAY_AUTH_TOKEN` or `RAY_AUTH_TOKEN_PATH`); when one is found, token mode is switched on for the client,
+as `ray start` does.
 
 `--local` runs the driver in this process, attached to a head started with `start_head` (or
 `ray start --head --include-dashboard false`); see `start_head` for what is and is not exposed.
@@ -14,29 +34,53 @@ Ray's `runtime_env` (`working_dir`, excluding runs/, .venv/ and caches).
 from __future__ import annotations
 
 import argparse
+import copy
+import json
+import os
+import shlex
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parent.parent
 EXCLUDES = ["runs/", ".venv/", "**/__pycache__/", ".git/", "wandb/", "*.egg-info/"]
+FORWARDED_ENV = ("WANDB_API_KEY",)  # forwarded from the submitting shell when set
+# Config keys that `rl.config.validate` checks on the local filesystem; `--remote-paths` leaves them to the job.
+REMOTE_PATH_KEYS = ("model.path", "agent.docs")
 
 
-def start_head(num_cpus: int | None = None, port: int = 6379, temp_dir: str | None = None) -> str:
-    """`ray start --head` with no dashboard and Ray's token authentication (its default); returns the
-    GCS address. Ray 2.60 listens on every interface whatever `--node-ip-address` says (measured with
-    `ss -ltn`), so the token, not the bind address, is what keeps other hosts out."""
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--include-dashboard", "false", "--disable-usage-stats"]
-    cmd += ["--port", str(port)] + (["--num-cpus", str(num_cpus)] if num_cpus else [])
-    cmd += ["--temp-dir", temp_dir] if temp_dir else []
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_head(num_cpus: int | None = None, port: int = 6379, temp_dir: str | None = None,
+               jobs_port: int | None = None) -> str:
+    """`ray start --head` with Ray's token authentication (its default); returns the GCS address. No
+    dashboard, unless `jobs_port` is given: then the dashboard, which serves the Jobs API that
+    `--address http://127.0.0.1:<jobs_port>` submits to, listens on 127.0.0.1 only. Ray 2.60's other
+    servers listen on every interface whatever `--node-ip-address` says (measured with `ss -ltn`), so the
+    token, not the bind address, is what keeps other hosts out."""
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--disable-usage-stats", "--port", str(port)]
+    if jobs_port is None:
+        cmd += ["--include-dashboard", "false"]
+    else:  # the per-node agent that runs jobs has a fixed default port; another Ray on the host may hold it
+        cmd += ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(jobs_port),
+                "--dashboard-agent-listen-port", str(_free_port())]
+    cmd += (["--num-cpus", str(num_cpus)] if num_cpus else []) + (["--temp-dir", temp_dir] if temp_dir else [])
     subprocess.run(cmd, check=True, capture_output=True)
     return f"127.0.0.1:{port}"  # reachable from this machine (the head listens on all interfaces)
 
 
-def prepare(overrides: list[str]) -> tuple[list[str], Path]:
-    """Validate the composed config and save it; return the job's rl.train arguments and the run dir."""
+def prepare(overrides: list[str], remote_paths: bool = False) -> tuple[list[str], Path | None]:
+    """Validate the composed config and save it; return the job's rl.train arguments and where the config
+    was saved (None when the run dir, a cluster path, cannot be created here)."""
     from rl.config import compose, to_schema
 
     config_name, rest = "config", list(overrides)
@@ -47,11 +91,94 @@ def prepare(overrides: list[str]) -> tuple[list[str], Path]:
     if not any(o.startswith("cluster.address=") for o in rest):
         rest.append("cluster.address=auto")  # the job attaches to the cluster it runs on
     raw = compose(rest, config_name)
-    cfg = to_schema(raw)
-    run_dir = Path(cfg.trainer.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(raw, run_dir / "submitted_config.yaml")
-    return ["--config-name", config_name, *rest], run_dir
+    cfg = to_schema(_local_stand_ins(raw) if remote_paths else raw)
+    saved = Path(cfg.trainer.run_dir) / "submitted_config.yaml"
+    try:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(raw, saved)
+    except OSError as exc:
+        if not remote_paths:
+            raise
+        print(f"note: trainer.run_dir={saved.parent} cannot be created here ({exc.strerror}); the config is not saved locally")
+        saved = None
+    return ["--config-name", config_name, *rest], saved
+
+
+def _local_stand_ins(raw):
+    """A copy of the composed config whose cluster-only paths point at a local stand-in that passes the
+    existence checks; every other check still runs on the user's values."""
+    stand_in = Path(tempfile.mkdtemp(prefix="v32rl-remote-"))
+    (stand_in / "config.json").write_text("{}")
+    checked = copy.deepcopy(raw)
+    for key in REMOTE_PATH_KEYS:
+        if OmegaConf.select(checked, key) is not None:
+            OmegaConf.update(checked, key, str(stand_in))
+    return checked
+
+
+def entrypoint(python: str, train_args: list[str]) -> str:
+    """The job's shell command: each argument quoted, so the job's rl.train gets the same argv."""
+    return shlex.join([python, "-m", "rl.train", *train_args])
+
+
+def job_runtime_env(user: dict, env_args: list[str], environ: dict) -> tuple[dict, list[str]]:
+    """The job's runtime env (see the module docstring for the merge) and the names of the variables whose
+    values come from `environ` (for messages: values are never shown)."""
+    user_vars = dict(user.get("env_vars") or {})
+    from_shell = {k: environ[k] for k in FORWARDED_ENV if environ.get(k) and k not in user_vars}
+    explicit = {}
+    for item in env_args:
+        name, eq, value = item.partition("=")
+        if eq:
+            explicit[name] = value
+            from_shell.pop(name, None)
+        elif name in environ:
+            explicit[name] = from_shell[name] = environ[name]
+        else:
+            raise SystemExit(f"error: --env-var {name}: not set in this environment")
+    env = {"working_dir": str(ROOT), "excludes": EXCLUDES, **user}
+    env["env_vars"] = {**from_shell, **user_vars, **explicit}
+    return env, sorted(from_shell)
+
+
+def _read_runtime_env(path: str | None, text: str | None) -> dict:
+    if path and text:
+        raise SystemExit("error: give --runtime-env or --runtime-env-json, not both")
+    if path:
+        import yaml
+
+        loaded = yaml.safe_load(Path(path).read_text())
+    elif text:
+        loaded = json.loads(text)
+    else:
+        return {}
+    if not isinstance(loaded, dict):
+        raise SystemExit(f"error: the runtime env must be a mapping, got {type(loaded).__name__}")
+    return loaded
+
+
+def _jobs_client(address: str):
+    """A Jobs API client; with a local Ray token, in token mode (the Jobs API refuses requests without it)."""
+    try:
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    except ImportError:  # a Ray without token authentication
+        pass
+    else:
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address)
+
+
+def wait_for_job(client, job: str, poll_s: float = 1.0) -> int:
+    """Wait for the job to end, print its logs; 0 if it succeeded, 1 otherwise."""
+    from ray.job_submission import JobStatus
+
+    while (status := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        time.sleep(poll_s)
+    print(client.get_job_logs(job), end="")
+    print(f"job {job}: {status.value}")
+    return 0 if status == JobStatus.SUCCEEDED else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,21 +186,29 @@ def main(argv: list[str] | None = None) -> int:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--address", help="the cluster's job server, e.g. http://HEAD:8265 (ray job submit)")
     g.add_argument("--local", action="store_true", help="run the driver here, attached to the local `ray start --head`")
+    p.add_argument("--remote-paths", action="store_true",
+                   help=f"do not check {', '.join(REMOTE_PATH_KEYS)} here: they exist on the cluster")
+    p.add_argument("--runtime-env", metavar="FILE", help="a YAML/JSON runtime env for the job (as ray job submit)")
+    p.add_argument("--runtime-env-json", metavar="JSON", help="the same, inline")
+    p.add_argument("--env-var", action="append", default=[], metavar="NAME[=VALUE]",
+                   help="set in the job's environment; NAME alone forwards this shell's value (never printed)")
+    p.add_argument("--python", default="python", help="the interpreter on the cluster (default: python)")
+    p.add_argument("--wait", action="store_true", help="wait for the job, print its logs, exit 1 if it failed")
     p.add_argument("train_args", nargs="*", help="after --: rl.train arguments and overrides")
     a = p.parse_args(argv)
-    args, run_dir = prepare(a.train_args)
-    print(f"config validated and saved to {run_dir / 'submitted_config.yaml'}")
+    args, saved = prepare(a.train_args, a.remote_paths)
+    print("config validated" + (f" and saved to {saved}" if saved else ""))
     if a.local:
         from rl.train import main as train
 
         return train(args)
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(a.address)
-    entry = " ".join([sys.executable.split("/")[-1], "-m", "rl.train", *args])
-    job = client.submit_job(entrypoint=entry, runtime_env={"working_dir": str(ROOT), "excludes": EXCLUDES})
+    runtime_env, forwarded = job_runtime_env(_read_runtime_env(a.runtime_env, a.runtime_env_json), a.env_var, os.environ)
+    client = _jobs_client(a.address)
+    job = client.submit_job(entrypoint=entrypoint(a.python, args), runtime_env=runtime_env)
+    if forwarded:
+        print(f"forwarded from this environment (values not shown): {', '.join(forwarded)}")
     print(f"submitted {job}; follow with: ray job logs --address {a.address} --follow {job}")
-    return 0
+    return wait_for_job(client, job) if a.wait else 0
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
-"""launch/: a bad config fails before submission; a run attaches to a local `ray start --head` cluster."""
+"""launch/: a bad config fails before submission; arguments, runtime env and secrets reach a job submitted
+through the Jobs API of a local `ray start --head`; a run attaches to a local head."""
 from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +49,97 @@ def test_run_on_a_local_ray_head(tmp_path):
         assert (run_dir / "submitted_config.yaml").read_text().count(address) == 1
         rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert any(r["step"] == 1 and "train/loss" in r for r in rows)
+    finally:
+        _stop_head(temp_dir)
+
+
+# Hydra-quoted (the quotes are part of the argument) and full of shell syntax; and a path with a space.
+PROMPT = "data.system_prompt='Be brief; echo $HOME && ls * > /tmp/x'"
+REMOTE = "model.path=/cluster only/ckpt"
+
+
+def test_entrypoint_quotes_every_argument():
+    from launch.submit import entrypoint
+
+    args = ["--config-name", "quickstart", PROMPT, REMOTE, "data.train=a b.jsonl"]
+    assert shlex.split(entrypoint("python", args)) == ["python", "-m", "rl.train", *args]
+
+
+def test_runtime_env_merge_and_forwarded_names():
+    from launch.submit import EXCLUDES, ROOT, job_runtime_env
+
+    environ = {"WANDB_API_KEY": "k-shell", "HF_TOKEN": "h-shell", "OTHER": "o"}
+    user = {"pip": ["x"], "env_vars": {"A": "from-file", "B": "from-file"}}
+    env, names = job_runtime_env(user, ["B=from-flag", "HF_TOKEN"], environ)
+    assert env == {"working_dir": str(ROOT), "excludes": EXCLUDES, "pip": ["x"],
+                   "env_vars": {"WANDB_API_KEY": "k-shell", "A": "from-file", "B": "from-flag", "HF_TOKEN": "h-shell"}}
+    assert names == ["HF_TOKEN", "WANDB_API_KEY"] and user["env_vars"] == {"A": "from-file", "B": "from-file"}
+    # The runtime env's own value wins over the shell's; the flag wins over both.
+    env, names = job_runtime_env({"env_vars": {"WANDB_API_KEY": "k-file"}, "working_dir": "/src"}, [], environ)
+    assert env["env_vars"] == {"WANDB_API_KEY": "k-file"} and env["working_dir"] == "/src" and names == []
+    assert job_runtime_env({}, ["WANDB_API_KEY=k-flag"], environ)[0]["env_vars"] == {"WANDB_API_KEY": "k-flag"}
+    with pytest.raises(SystemExit, match="--env-var NOPE: not set in this environment"):
+        job_runtime_env({}, ["NOPE"], environ)
+
+
+def test_remote_paths_skip_only_the_local_existence_checks(tmp_path):
+    from launch.submit import prepare
+    from rl.config import ConfigError
+
+    args = ["model.tiny=null", REMOTE, "agent.docs=/cluster/docs", f"trainer.run_dir={tmp_path}"]
+    with pytest.raises(ConfigError, match="model.path: '/cluster only/ckpt' is not a HF checkpoint directory"):
+        prepare(args)
+    train_args, saved = prepare(args, remote_paths=True)
+    assert train_args == ["--config-name", "config", *args, "cluster.address=auto"]
+    assert "path: /cluster only/ckpt" in saved.read_text() and "docs: /cluster/docs" in saved.read_text()
+    with pytest.raises(ConfigError, match=r"algo.clip_eps: must be in \(0, 1\)"):  # the other checks still run
+        prepare([*args, "algo.clip_eps=0"], remote_paths=True)
+
+
+@pytest.mark.slow
+def test_submit_through_the_jobs_api(tmp_path, monkeypatch):
+    """End to end against `ray start --head` with the Jobs API: the job runs rl.train on the "cluster",
+    whose config check names the cluster-only path exactly as typed (quoting survived the shell); the
+    W&B key reaches the job's runtime env without being printed or written by us."""
+    import tempfile
+    import uuid
+
+    from launch.submit import _jobs_client, start_head
+
+    venv_bin = str(Path(sys.executable).parent)
+    monkeypatch.setenv("PATH", f"{venv_bin}:{os.environ['PATH']}")  # as a user's activated venv
+    for var in [v for v in os.environ if v.startswith("RAY_AUTH")]:
+        monkeypatch.delenv(var)
+    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
+    jobs_port = _port()
+    start_head(num_cpus=1, port=_port(), temp_dir=temp_dir, jobs_port=jobs_port)
+    try:
+        secret = f"wandb-{uuid.uuid4().hex}"
+        run_dir = tmp_path / "run"
+        args = ["--config-name", "quickstart", "model.tiny=null", REMOTE, PROMPT, f"trainer.run_dir={run_dir}"]
+        cmd = [sys.executable, "-m", "launch.submit", "--address", f"http://127.0.0.1:{jobs_port}", "--remote-paths",
+               "--runtime-env-json", '{"env_vars": {"EXTRA": "1"}, "config": {"setup_timeout_seconds": 120}}',
+               "--env-var", "HF_HOME=/cluster/hf", "--wait", "--", *args]
+        for attempt in range(60):  # the head's job agent comes up a few seconds after `ray start` returns
+            res = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "WANDB_API_KEY": secret}, capture_output=True,
+                                 text=True, timeout=120)
+            if "No available agent to submit job" not in res.stderr:
+                break
+            time.sleep(1)
+        out = res.stdout + res.stderr
+        assert res.returncode == 1, out[-3000:]  # the job failed, on the cluster, at its own config check:
+        assert "error: model.path: '/cluster only/ckpt' is not a HF checkpoint directory" in res.stdout, out[-3000:]
+        assert "forwarded from this environment (values not shown): WANDB_API_KEY" in res.stdout
+        job = re.search(r"submitted (\S+);", res.stdout).group(1)
+        info = _jobs_client(f"http://127.0.0.1:{jobs_port}").get_job_info(job)
+        assert shlex.split(info.entrypoint) == ["python", "-m", "rl.train", *args, "cluster.address=auto"]
+        assert info.runtime_env["env_vars"] == {"WANDB_API_KEY": secret, "EXTRA": "1", "HF_HOME": "/cluster/hf"}
+        assert info.runtime_env["config"]["setup_timeout_seconds"] == 120 and "working_dir" in info.runtime_env
+        # Not printed, not in the run dir; on the cluster only where Ray's runtime-env agent logs env_vars.
+        assert secret not in out
+        assert not [f for f in run_dir.rglob("*") if f.is_file() and secret in f.read_text(errors="ignore")]
+        holders = subprocess.run(["grep", "-rl", secret, temp_dir], capture_output=True, text=True).stdout.split()
+        assert {Path(f).name for f in holders} <= {"runtime_env_agent.log"}
     finally:
         _stop_head(temp_dir)
 
