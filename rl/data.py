@@ -17,7 +17,10 @@ to names and folders; a single file is its own (train) split. `row` in `file:row
 """
 from __future__ import annotations
 
+import functools
 import glob
+import hashlib
+import inspect
 import json
 import random
 import sys
@@ -191,7 +194,7 @@ def load_prompts(path: str, tokenizer, specs: dict, max_prompt_tokens: int, skip
                                   _PROBLEM: datasets.Value("string")})
     ds = ds.map(_check_and_encode, num_proc=(d.num_proc if d else None), desc="tokenising prompts", features=features,
                 fn_kwargs={"tokenizer": tokenizer, "specs": specs, "max_prompt_tokens": max_prompt_tokens,
-                           "system_prompt": system_prompt})
+                           "system_prompt": system_prompt, "code": _encoding_code()})
     prompts, skipped = [], []
     for i, row in enumerate(ds, 1):
         ids, problem = row.pop(_IDS), row.pop(_PROBLEM)
@@ -210,8 +213,9 @@ def load_prompts(path: str, tokenizer, specs: dict, max_prompt_tokens: int, skip
     return prompts, skipped
 
 
-def _check_and_encode(row: dict, tokenizer, specs: dict, max_prompt_tokens: int, system_prompt: str | None) -> dict:
-    """The map function: the row's token ids, or why it cannot be used."""
+def _check_and_encode(row: dict, tokenizer, specs: dict, max_prompt_tokens: int, system_prompt: str | None,
+                      code: str = "") -> dict:
+    """The map function: the row's token ids, or why it cannot be used. (`code` only keys the cache.)"""
     problem, ids = row_problem(row, specs), []
     if problem is None:
         try:
@@ -222,6 +226,22 @@ def _check_and_encode(row: dict, tokenizer, specs: dict, max_prompt_tokens: int,
             if len(ids) > max_prompt_tokens:
                 problem = f"prompt has {len(ids)} tokens, more than the {max_prompt_tokens} that fit the context"
     return {_IDS: ids if problem is None else [], _PROBLEM: problem}
+
+
+@functools.cache
+def _encoding_code() -> str:
+    """A digest of the modules that turn rows into ids (this one, the chat encoding, the tools' specs).
+    datasets keys its cache on the map function's arguments and on module functions by name only (measured:
+    a changed body hashes the same), so without this an upgraded encoder would read ids the old one cached."""
+    from rollout import agent, chat
+
+    digest = hashlib.sha256()
+    for module in (sys.modules[__name__], chat, agent):
+        try:
+            digest.update(inspect.getsource(module).encode())
+        except (OSError, TypeError):  # no source shipped: the version string is all there is
+            digest.update(module.__name__.encode())
+    return digest.hexdigest()
 
 
 @dataclass

@@ -176,3 +176,7 @@ def test_tokenising_map_runs_in_processes_and_is_cached(tmp_path, tok, monkeypat
     monkeypatch.setattr(rl.data, "encode_prompt", boom)
     again, _ = load_prompts(path, tok, SPECS, 64, True, data_cfg=_cfg(num_proc=2))
     assert [(p.row, p.prompt_ids) for p in again] == [(p.row, p.prompt_ids) for p in first]
+    # Changed encoding code is a cache miss (datasets alone would hash the map function by its name).
+    monkeypatch.setattr(rl.data, "_encoding_code", lambda: "an upgraded encoder")
+    with pytest.raises(DataError, match="d.jsonl:1: the chat template cannot render the prompt .*tokenised again"):
+        load_prompts(path, tok, SPECS, 64, False, data_cfg=_cfg())
