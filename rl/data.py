@@ -79,11 +79,13 @@ def _load_files(source: str, files: list[str]):
         raise DataError(f"{source}: unsupported data format {sorted(suffixes)} (use one of .jsonl, .json, .parquet, "
                         ".csv, a saved dataset dir or a dataset name)")
     for f in files:
-        if Path(f).stat().st_size == 0:
+        # datasets' own errors say neither which file is empty (a StopIteration) nor which line is broken
+        if Path(f).stat().st_size == 0 or (f.endswith(".jsonl") and _check_json_lines(Path(f)) == 0):
             raise DataError(f"{f}: the data file is empty")
-        if f.endswith(".jsonl"):
-            _check_json_lines(Path(f))  # datasets' own error does not say which line is broken
-    return datasets.load_dataset(FILE_BUILDERS[suffixes.pop()], data_files=files, split="train")
+    try:
+        return datasets.load_dataset(FILE_BUILDERS[suffixes.pop()], data_files=files, split="train")
+    except Exception as exc:  # noqa: BLE001  whatever the builder says, say which source it was about
+        raise DataError(f"{source}: datasets cannot read it ({type(exc).__name__}: {exc})") from exc
 
 
 def map_columns(ds, source: str, prompt_key: str = "prompt", answer_key: str | None = None,
@@ -117,7 +119,9 @@ def read_rows(path: str) -> list[dict]:
     return load_source(path).to_list()
 
 
-def _check_json_lines(p: Path) -> None:
+def _check_json_lines(p: Path) -> int:
+    """The number of rows; raises at the first line that is not a JSON object."""
+    rows = 0
     with open(p) as f:
         for i, line in enumerate(f, 1):
             if line.strip():
@@ -127,6 +131,8 @@ def _check_json_lines(p: Path) -> None:
                     raise DataError(f"{p}:{i}: not valid JSON ({exc.msg})") from None
                 if not isinstance(row, dict):
                     raise DataError(f"{p}:{i}: a row must be a JSON object")
+                rows += 1
+    return rows
 
 
 def row_problem(row: dict, specs: dict) -> str | None:

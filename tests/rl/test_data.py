@@ -145,8 +145,9 @@ def test_saved_dataset_dict_split(tmp_path, tok):
         load_prompts(str(tmp_path / "dd"), tok, SPECS, 64, False, data_cfg=_cfg(split="dev"))
 
 
-def test_empty_file_is_named(tmp_path, tok):
-    (tmp_path / "empty.jsonl").write_text("")
+@pytest.mark.parametrize("content", ["", "\n  \n"])
+def test_empty_file_is_named(tmp_path, tok, content):
+    (tmp_path / "empty.jsonl").write_text(content)
     with pytest.raises(DataError, match=r"empty.jsonl: the data file is empty"):
         load_prompts(str(tmp_path / "empty.jsonl"), tok, SPECS, 64, skip_bad_rows=False)
 
