@@ -396,7 +396,8 @@ class _Rpc:
             raise StopIteration
         if reply[0] == "raise":
             exc = getattr(builtins, str(reply[1]), None)
-            if isinstance(exc, type) and issubclass(exc, Exception):
+            # Not StopIteration: raised from a call it would end the test's iteration early (`all(map(f, xs))`).
+            if isinstance(exc, type) and issubclass(exc, Exception) and not issubclass(exc, (StopIteration, StopAsyncIteration)):
                 raise exc(str(reply[2]))
             raise _Gone(str(reply[2]))
         raise _Gone("malformed reply")
@@ -600,7 +601,14 @@ def _header(header: dict, limits: SandboxLimits, uids: list[int] | None) -> byte
 
 _SLOTS = threading.Condition()
 _SLOTS_BUSY: set[int] = set()
-os.register_at_fork(after_in_child=_SLOTS_BUSY.clear)
+
+
+def _reset_slots() -> None:  # a forked child (the scoring pool's) starts with no run of its own
+    global _SLOTS, _SLOTS_BUSY
+    _SLOTS, _SLOTS_BUSY = threading.Condition(), set()
+
+
+os.register_at_fork(after_in_child=_reset_slots)
 
 
 @contextlib.contextmanager
@@ -1004,7 +1012,7 @@ class HttpBackend(SandboxBackend):
     def run(self, script: str, header: dict, payload: bytes, limits: SandboxLimits, wall_s: float) -> SandboxResult:
         stdin = (_header({**header, "pidns": False}, limits, None) + payload).decode("utf-8", "replace")
         body = {"code": script, "language": "python", "stdin": stdin, "run_timeout": wall_s,
-                "memory_limit_MB": limits.memory_mb * limits.max_procs}
+                "memory_limit_MB": 2 * limits.memory_mb}  # the harness's process and the program's
         req = urllib.request.Request(self.url.rstrip("/") + "/run_code", json.dumps(body).encode(),
                                      {"Content-Type": "application/json", **self.headers})
         t0 = time.monotonic()

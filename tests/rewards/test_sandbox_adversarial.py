@@ -150,6 +150,11 @@ def test_a_program_cannot_find_the_tests():
     assert code_score(SEARCH + "_bait = 'secret() == 918273645'\n", tests) == 1.0
 
 
+def test_stop_iteration_from_a_call_does_not_end_the_test_early():
+    solution = "def square(x):\n    raise StopIteration\n"
+    assert code_score(solution, ["assert all(map(square, [1, 2]))", "assert list(map(square, [3])) == []"]) == 0.0
+
+
 def test_shadowing_a_builtin_does_not_change_the_test():
     solution = WRONG + "def abs(x):\n    return 0\ndef isinstance(*a):\n    return True\n"
     assert code_score(solution, ["assert abs(square(3) - 9) < 1e-9", "assert isinstance(square(3), str)"]) == 0.0
@@ -418,12 +423,12 @@ def test_the_tool_sees_no_repo_no_home_no_data_and_no_host_environment():
         seen = [p for p in ({str(repo)!r}, {str(repo / "README.md")!r}, {str(repo / "examples")!r}, "/work", "/home",
                             "/etc/passwd", "/etc/shadow") if os.path.exists(p)]
         home = [os.path.join(d, f) for d, _, fs in os.walk("/root") for f in fs]
-        print(json.dumps([sorted(os.environ), seen, sorted(os.listdir("/")), home]))
+        others = [p for p in home if not p.startswith({sys.base_prefix + "/"!r})]  # /root: only our interpreter, if any
+        print(json.dumps([sorted(os.environ), seen, sorted(os.listdir("/")), others]))
     ''')
-    env, seen, top, home = json.loads(tool(code))
-    assert env == ["HOME", "LANG", "PATH", "PWD", "TMPDIR"] and seen == []
+    env, seen, top, others = json.loads(tool(code))
+    assert env == ["HOME", "LANG", "PATH", "PWD", "TMPDIR"] and seen == [] and others == []
     assert set(top) <= {"bin", "dev", "etc", "lib", "lib32", "lib64", "proc", "root", "sbin", "tmp", "usr"}, top
-    assert all(p.startswith(sys.base_prefix + "/") for p in home), home[:5]  # /root holds only our interpreter, if any
 
 
 # --- The verifier ----------------------------------------------------------------------------------------
