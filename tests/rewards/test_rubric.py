@@ -87,43 +87,30 @@ def test_rubric_against_a_real_judge(judge_server):
 
 
 class _FakeJudge:
-    """An OpenAI-compatible /chat/completions endpoint on loopback that answers after `delay` seconds and
-    records the requests and the most it had in flight at once."""
+    """An OpenAI-compatible /chat/completions endpoint that answers after `delay` seconds and records the
+    requests and the most it had in flight at once."""
 
     def __init__(self, delay: float):
-        import json
         import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-        judge, self.delay, self.requests, self.in_flight, self.peak = self, delay, [], 0, 0
-        lock = threading.Lock()
+        from tests.rewards.helper_http import serve_json
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with lock:
-                    judge.requests.append((self.path, self.headers.get("Authorization"), body))
-                    judge.in_flight += 1
-                    judge.peak = max(judge.peak, judge.in_flight)
-                time.sleep(judge.delay)
-                with lock:
-                    judge.in_flight -= 1
-                reply = "Score: 9/10" if "Paris" in body["messages"][0]["content"].split("# Response")[1] else "hmm"
-                data = json.dumps({"id": "1", "object": "chat.completion", "created": 0, "model": body["model"],
-                                   "choices": [{"index": 0, "finish_reason": "stop",
-                                                "message": {"role": "assistant", "content": reply}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+        self.delay, self.requests, self.in_flight, self.peak = delay, [], 0, 0
+        self._lock = threading.Lock()
+        url, self.server = serve_json(self._respond)
+        self.url = url + "/v1"
 
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def _respond(self, path: str, headers, body: dict) -> dict:
+        with self._lock:
+            self.requests.append((path, headers.get("Authorization"), body))
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+        time.sleep(self.delay)
+        with self._lock:
+            self.in_flight -= 1
+        reply = "Score: 9/10" if "Paris" in body["messages"][0]["content"].split("# Response")[1] else "hmm"
+        return {"id": "1", "object": "chat.completion", "created": 0, "model": body["model"],
+                "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": reply}}]}
 
 
 @pytest.fixture
