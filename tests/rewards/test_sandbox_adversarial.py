@@ -455,6 +455,19 @@ def test_an_exiting_verifier_abstains_and_an_exit_in_verify_scores_zero():
     assert take_events() == {"verifier:broken": 1, "verifier:raised": 1}
 
 
+# --- The weaker mode (no namespaces, accepted explicitly) ---------------------------------------------------
+
+def test_the_verdict_still_comes_from_the_harness_in_the_weaker_mode(monkeypatch):
+    # Without namespaces the program can read the host's files, but it still cannot exit, forge `==` or
+    # outlive its run into a pass.
+    monkeypatch.setattr("rewards.sandbox.namespaces_available", lambda: "pretend bwrap is missing")
+    monkeypatch.setenv("V32RL_ALLOW_WEAK_SANDBOX", "1")
+    assert code_score(RIGHT) == 1.0
+    for name in ("sys.exit(0) at the end", "atexit.register(os._exit, 0)", "exit when called"):
+        assert code_score(EARLY_EXITS[name]) == 0.0, name
+    assert code_score(ALWAYS_EQUAL["__eq__ always true"] + "def square(x):\n    return A()\n") == 0.0
+
+
 # --- Without root ----------------------------------------------------------------------------------------
 
 NON_ROOT = textwrap.dedent('''
