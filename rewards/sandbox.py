@@ -814,7 +814,7 @@ class _Cgroup:
             for fname, value in _CGROUP_FILES[kind](limits):
                 target = os.path.join(path, fname)
                 if kind != "v2" or fname.split(".")[0] in self._v2_enabled(path):
-                    with contextlib.suppress(FileNotFoundError), open(target, "w") as f:
+                    with contextlib.suppress(OSError), open(target, "w") as f:  # memsw, swap: not everywhere
                         f.write(str(value))
 
     @staticmethod

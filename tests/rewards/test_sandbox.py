@@ -112,6 +112,16 @@ def test_tmp_is_private_to_the_run():
     assert res.ok and res.stdout.strip() == "x" and not os.path.exists(target)
 
 
+@pytest.mark.skipif(not os.path.exists("/usr/bin/unshare"), reason="needs util-linux's unshare to make the calls")
+def test_seccomp_refuses_namespaces_and_ptrace_family_calls():
+    # unshare(2) stands in for the filtered calls Python cannot make without ctypes (ptrace, process_vm_*):
+    # it is allowed to an unprivileged user outside the filter.
+    code = "import subprocess\nfor a in ('--user', '--mount'):\n    p = subprocess.run(['unshare', a, 'true'], " \
+           "capture_output=True, text=True)\n    print(p.returncode, p.stderr.strip())"
+    res = _run(code)
+    assert res.stdout.splitlines() == ["1 unshare: unshare failed: Operation not permitted"] * 2, res
+
+
 def test_refuses_without_namespaces_unless_accepted(monkeypatch):
     monkeypatch.setattr("rewards.sandbox.namespaces_available", lambda: "bwrap is not installed")
     monkeypatch.delenv("V32RL_ALLOW_WEAK_SANDBOX", raising=False)
