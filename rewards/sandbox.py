@@ -788,6 +788,12 @@ def cgroup_parents() -> dict[str, str]:
             pass
         for c in _V2_CONTROLLERS & enabled:
             found.pop(c, None)  # v2 has it: no v1 group for it
+    for parent in found.values():  # groups of scorer processes killed mid-run (a scoring pool's time-out)
+        for name in os.listdir(parent):
+            owner = name.split("-")[2] if name.startswith("v32rl-sandbox-") else ""
+            if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.join(parent, name))
     return found
 
 
