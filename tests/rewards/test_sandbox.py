@@ -137,58 +137,38 @@ def test_namespaces_are_available_here():
 
 
 class FakeSandboxFusion:
-    """A SandboxFusion-shaped `POST /run_code` on 127.0.0.1 that runs the code in a plain subprocess (the
-    programs sent here are benign; the point is the protocol and that verdicts still come from the harness)."""
+    """SandboxFusion's `POST /run_code` on 127.0.0.1, running the code in a plain subprocess (the programs
+    sent here are benign; the point is the protocol, and that verdicts still come from the harness)."""
 
     def __init__(self):
-        import http.server
-        import json
-        import subprocess
-        import sys
-        import threading
+        from tests.rewards.helper_http import serve_json
 
         self.requests: list[dict] = []
-        fake = self
+        self.url, self.server = serve_json(self.respond)
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                fake.requests.append(req)
-                if self.path != "/run_code" or req.get("language") != "python":
-                    reply = {"status": "SandboxError", "message": "unsupported", "run_result": None}
-                else:
-                    try:
-                        p = subprocess.run([sys.executable, "-I", "-S", "-c", req["code"]], input=req.get("stdin") or "",
-                                           capture_output=True, text=True, timeout=req["run_timeout"])
-                        run = {"status": "Finished", "return_code": p.returncode, "stdout": p.stdout, "stderr": p.stderr}
-                    except subprocess.TimeoutExpired:
-                        run = {"status": "TimeLimitExceeded", "return_code": None, "stdout": "", "stderr": ""}
-                    ok = run["status"] == "Finished" and run["return_code"] == 0
-                    reply = {"status": "Success" if ok else "Failed", "message": "", "run_result": run}
-                body = json.dumps(reply).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+    def respond(self, path: str, headers, req: dict) -> dict:
+        import subprocess
+        import sys
 
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.requests.append(req)
+        if path != "/run_code" or req.get("language") != "python":
+            return {"status": "SandboxError", "message": "unsupported", "run_result": None}
+        try:
+            p = subprocess.run([sys.executable, "-I", "-S", "-c", req["code"]], input=req.get("stdin") or "",
+                               capture_output=True, text=True, timeout=req["run_timeout"])
+            run = {"status": "Finished", "return_code": p.returncode, "stdout": p.stdout, "stderr": p.stderr}
+        except subprocess.TimeoutExpired:
+            run = {"status": "TimeLimitExceeded", "return_code": None, "stdout": "", "stderr": ""}
+        ok = run["status"] == "Finished" and run["return_code"] == 0
+        return {"status": "Success" if ok else "Failed", "message": "", "run_result": run}
 
 
 @pytest.fixture
 def fusion():
     f = FakeSandboxFusion()
     yield f
-    f.close()
+    f.server.shutdown()
+    f.server.server_close()
 
 
 def test_http_backend_speaks_sandboxfusion(fusion):
