@@ -28,7 +28,6 @@ ENV = {"VLLM_USE_V2_MODEL_RUNNER": "0", "VLLM_USE_FLASHINFER_SAMPLER": "0", "VLL
 
 def install(worker) -> str:
     """Wrap the V1 runner's sampling of this worker (idempotent)."""
-    import torch
     import vllm.v1.sample.ops.topk_topp_sampler as tts
 
     runner = worker.model_runner
@@ -39,14 +38,14 @@ def install(worker) -> str:
         raise RuntimeError("sampling-mask capture needs the native top-k/top-p sampler (VLLM_USE_FLASHINFER_SAMPLER=0)")
     if getattr(runner, "_kept_state", None) is not None:
         return "already installed"
-    state = {"batch": None, "store": {}, "vocab": None}
+    state = {"batch": None, "steps": []}
     runner._kept_state = state
     apply_orig, sample_orig = tts.apply_top_k_top_p, runner._sample
 
     def apply_top_k_top_p(logits, k, p):
         out = apply_orig(logits, k, p)  # the Triton path may return a new tensor: read the result
         if state["batch"] is not None:
-            state["batch"]["kept"] = torch.isfinite(out)
+            state["batch"]["kept"] = out.isfinite()
         return out
 
     def _sample(logits, spec_decode_metadata):
@@ -54,14 +53,15 @@ def install(worker) -> str:
             raise RuntimeError("sampling-mask capture does not support speculative decoding")
         ib = runner.input_batch
         n = ib.num_reqs
-        batch = {"kept": None, "req_ids": list(ib.req_ids[:n]), "discard": runner.discard_request_mask.np[:n].copy(),
-                 "greedy": ib.temperature_cpu[:n] < 1e-5}
+        batch = {"kept": None}
         state["batch"] = batch
         try:
             out = sample_orig(logits, spec_decode_metadata)
         finally:
             state["batch"] = None
-        _record(state, batch, out.sampled_token_ids[:, 0])
+        state["steps"].append(record_step(batch["kept"], out.sampled_token_ids[:n, 0], list(ib.req_ids[:n]),
+                                          ~runner.discard_request_mask.np[:n], ib.temperature_cpu[:n] < 1e-5,
+                                          logits.shape[-1]))
         return out
 
     tts.apply_top_k_top_p = apply_top_k_top_p
@@ -69,53 +69,82 @@ def install(worker) -> str:
     return "installed"
 
 
-def _record(state: dict, batch: dict, sampled) -> None:
-    """Append (token, is_bitmap, row bytes) for every live request of one sampling step."""
+def pack_bits(mask):
+    """`[B, V]` bool -> `[B, ceil(V/8)]` uint8, little bit order (numpy's packbits(bitorder='little'))."""
     import torch
 
-    store, kept = state["store"], batch["kept"]
-    tokens = sampled.to("cpu").numpy()
-    live = [i for i in range(len(batch["req_ids"])) if not batch["discard"][i]]
-    if kept is None:  # an all-greedy batch skips top-k/top-p: the argmax alone could be sampled
-        for i in live:
-            store.setdefault(batch["req_ids"][i], []).append((int(tokens[i]), False, np.int32(tokens[i]).tobytes()))
-        return
-    V = state["vocab"] = kept.shape[1]
-    dev = kept.device
-    width = (V + 7) // 8
-    counts = kept.sum(1).cpu().numpy()
-    contains = kept[torch.arange(kept.shape[0], device=dev), sampled.long()].cpu().numpy()
-    small = [i for i in live if not batch["greedy"][i] and 4 * counts[i] <= width]
-    big = [i for i in live if not batch["greedy"][i] and 4 * counts[i] > width]
-    rows: dict[int, tuple[bool, bytes]] = {}
-    if small:
-        cols = kept[torch.as_tensor(small, device=dev)].nonzero()[:, 1].to(torch.int32).cpu().numpy()
-        ends = np.cumsum(counts[small])
-        for j, i in enumerate(small):
-            rows[i] = (False, cols[ends[j] - counts[i] : ends[j]].tobytes())
-    if big:
-        m = kept[torch.as_tensor(big, device=dev)].to(torch.uint8)
-        m = torch.nn.functional.pad(m, (0, width * 8 - V))
-        weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=dev)
-        packed = (m.view(len(big), width, 8) * weights).sum(-1, dtype=torch.uint8).cpu().numpy()
-        for j, i in enumerate(big):
-            rows[i] = (True, packed[j].tobytes())
-    for i in live:
-        rid = batch["req_ids"][i]
-        if batch["greedy"][i]:
-            store.setdefault(rid, []).append((int(tokens[i]), False, np.int32(tokens[i]).tobytes()))
-            continue
-        if not contains[i]:
-            raise RuntimeError(f"sampling-mask capture: request {rid} sampled token {tokens[i]} outside its kept set")
-        store.setdefault(rid, []).append((int(tokens[i]), *rows[i]))
+    B, V = mask.shape
+    W = (V + 7) // 8
+    m = torch.nn.functional.pad(mask.to(torch.uint8), (0, W * 8 - V))
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)
+    return (m.view(B, W, 8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def record_step(kept, sampled, req_ids: list, live, greedy, vocab_size: int) -> dict:
+    """One sampling step, kept on the device with no host synchronisation (the decode loop keeps its pace):
+    the packed kept sets, their sizes, the sampled tokens and whether each was in its set. Greedy rows
+    (and an all-greedy batch, which skips top-k/top-p) keep the argmax alone."""
+    import torch
+
+    rows = torch.arange(sampled.shape[0], device=sampled.device)
+    if kept is None or greedy.any():
+        g = torch.as_tensor(greedy, device=sampled.device) if kept is not None else torch.ones_like(rows, dtype=torch.bool)
+        kept = torch.zeros(sampled.shape[0], vocab_size, dtype=torch.bool, device=sampled.device) if kept is None else kept.clone()
+        kept[g] = False
+        kept[rows[g], sampled.long()[g]] = True
+    return {"req_ids": req_ids, "live": live.copy(), "bits": pack_bits(kept), "counts": kept.sum(1, dtype=torch.int32),
+            "tokens": sampled.to(torch.int32), "ok": kept[rows, sampled.long()], "vocab": vocab_size}
 
 
 def collect(worker, clear: bool = True) -> dict:
-    """The recorded rows since the last collect, by engine request id (msgpack-friendly)."""
+    """The recorded steps since the last collect, per engine request id: `(tokens int32, is_bitmap bool,
+    offsets int64, data uint8)` as bytes (cheap to send back through collective_rpc). Rows of at most
+    ceil(V/8)/4 ids are stored as ids, larger ones as the bitmap."""
     state = worker.model_runner._kept_state
-    out = {"vocab": state["vocab"], "reqs": state["store"]}
+    steps = state["steps"]
     if clear:
-        state["store"] = {}
+        state["steps"] = []
+    return {"vocab": steps[0]["vocab"] if steps else None, "reqs": encode_steps(steps)}
+
+
+def encode_steps(steps: list[dict]) -> dict:
+    import torch
+
+    if not steps:
+        return {}
+    V = steps[0]["vocab"]
+    W = (V + 7) // 8
+    bits = torch.cat([s["bits"] for s in steps])  # [N, W] on the device
+    counts = torch.cat([s["counts"] for s in steps]).cpu().numpy()
+    tokens = torch.cat([s["tokens"] for s in steps]).cpu().numpy()
+    ok = torch.cat([s["ok"] for s in steps]).cpu().numpy()
+    live = np.concatenate([s["live"] for s in steps])
+    owner = [rid for s in steps for rid in s["req_ids"]]
+    if not ok[live].all():
+        bad = int(np.flatnonzero(live & ~ok)[0])
+        raise RuntimeError(f"sampling-mask capture: request {owner[bad]} sampled token {tokens[bad]} outside its kept set")
+    small = live & (4 * counts <= W)
+    ids = {}  # row -> int32 ids, for the small rows, unpacked on the device a block at a time
+    rows_small = np.flatnonzero(small)
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    for a in range(0, len(rows_small), 4096):
+        block = torch.as_tensor(rows_small[a : a + 4096], device=bits.device)
+        dense = ((bits[block][:, :, None] >> shifts) & 1).bool().reshape(len(block), -1)[:, :V]
+        r, c = dense.nonzero(as_tuple=True)
+        r, c = r.cpu().numpy(), c.to(torch.int32).cpu().numpy()
+        for j, row in enumerate(rows_small[a : a + 4096]):
+            ids[int(row)] = c[np.searchsorted(r, j) : np.searchsorted(r, j, side="right")]
+    bits_host = bits.cpu().numpy()
+    per_req: dict[str, list[int]] = {}
+    for row in np.flatnonzero(live):
+        per_req.setdefault(owner[row], []).append(int(row))
+    out = {}
+    for rid, rows in per_req.items():
+        chunks = [ids[r].view(np.uint8) if r in ids else bits_host[r] for r in rows]
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([c.size for c in chunks])
+        out[rid] = (tokens[rows].tobytes(), np.array([r not in ids for r in rows]).tobytes(), offsets.tobytes(),
+                    np.concatenate(chunks).tobytes())
     return out
 
 
@@ -127,21 +156,24 @@ def attach(request_outputs, captured: dict, vocab_size: int) -> dict:
     kept row is checked against the token it was recorded for."""
     from rollout.sample import KeptSets
 
+    if captured["vocab"] not in (None, vocab_size):
+        raise RuntimeError(f"sampling-mask capture: the sampler's vocabulary is {captured['vocab']}, the model's {vocab_size}")
     by_key = {}
-    for rid, entries in captured["reqs"].items():
+    for rid, enc in captured["reqs"].items():
         base = rid.rsplit("-", 1)[0] if rid.count("-") else rid
-        if "_" in base:
-            index, parent = base.split("_", 1)
-            by_key[(parent, int(index))] = entries
-        else:
-            by_key[(base, 0)] = entries
+        index, parent = base.split("_", 1) if "_" in base else (0, base)
+        by_key[(parent, int(index))] = enc
     out = {}
     for ro in request_outputs:
         parent = ro.request_id.rsplit("-", 1)[0] if ro.request_id.count("-") else ro.request_id
         for c in ro.outputs:
-            entries = by_key.get((parent, c.index)) or by_key.get((ro.request_id, c.index))
-            toks = list(c.token_ids)
-            if entries is None or len(entries) < len(toks) or [e[0] for e in entries[: len(toks)]] != toks:
+            enc = by_key.get((parent, c.index)) or by_key.get((ro.request_id, c.index))
+            toks = np.asarray(c.token_ids, dtype=np.int32)
+            got = None if enc is None else np.frombuffer(enc[0], dtype=np.int32)
+            if got is None or len(got) < len(toks) or not np.array_equal(got[: len(toks)], toks):
                 raise RuntimeError(f"sampling-mask capture: rows do not match the tokens of {ro.request_id}/{c.index}")
-            out[(ro.request_id, c.index)] = KeptSets.from_encoded([(b, raw) for _, b, raw in entries[: len(toks)]], vocab_size)
+            offsets = np.frombuffer(enc[2], dtype=np.int64)[: len(toks) + 1].copy()
+            data = np.frombuffer(enc[3], dtype=np.uint8)[: offsets[-1]].copy()
+            bitmap = np.frombuffer(enc[1], dtype=bool)[: len(toks)].copy()
+            out[(ro.request_id, c.index)] = KeptSets(vocab_size, offsets, data, bitmap)
     return out
