@@ -6,6 +6,7 @@ fail with the key path), then checks ranges. All of it runs before Ray or any mo
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,7 +91,10 @@ class DataConfig:
 @dataclass(frozen=True)
 class DistillConfig:
     enabled: bool = False
-    specialists: dict = field(default_factory=dict)  # domain -> 'rule' or a checkpoint path
+    # domain -> 'rule', a checkpoint path, or 'data:<source>' (the user's demonstrations: a file, glob, saved
+    # dir or dataset name as data.train takes, prompts in data.prompt_key, responses in response_key)
+    specialists: dict = field(default_factory=dict)
+    response_key: str = "response"  # 'data:' specialists: the column holding each prompt's demonstrated response
     samples_per_prompt: int = 1
     epochs: int = 1
     lr: float = 1e-3
@@ -130,7 +134,9 @@ class TrainerConfig:
     mode: str = "sync"  # sync | async (rollouts for step k+1 run while step k trains)
     max_staleness: int = 1  # async: samples older than this many policy versions are dropped (counted)
     eval_every: int = 0  # 0 = only at the end
-    save_every: int = 0  # 0 = only at the end
+    save_every: int = 10  # checkpoint every this many steps (and at the end); 0 = only at the end
+    keep_checkpoints: int = 2  # numbered checkpoints kept (checkpoints/step_N; 'latest' points to the newest)
+    allow_config_change: bool = False  # resume although the config differs from the run dir's config.yaml
     max_nonfinite_steps: int = 3  # stop after this many steps with a NaN/inf loss or reward
     max_failure_rate: float = 0.5  # stop when more than this fraction of a step's samples failed
     scoring_timeout_s: float = 30.0  # per reward function call; a call past it abstains (None) and is counted
@@ -150,8 +156,11 @@ class LoggingConfig:
     wandb: bool = True
     wandb_mode: str = "offline"  # offline | online (online needs WANDB_API_KEY) | disabled
     project: str = "v32rl"
+    run_name: Optional[str] = None  # W&B run name; None: the run dir's name
+    group: Optional[str] = None  # W&B group (runs compared together)
+    tags: list = field(default_factory=list)  # W&B tags
     plots: bool = True
-    progress: bool = True
+    progress: bool = True  # tqdm bars (generation, distillation, evaluation) and a line per step
 
 
 @dataclass(frozen=True)
@@ -180,20 +189,83 @@ class ConfigError(ValueError):
     """A config problem; the message starts with the key path."""
 
 
-def compose(overrides: list[str] | None = None, config_name: str = "config"):
-    """Hydra composition of `configs/<config_name>.yaml` with overrides (no schema yet)."""
+def compose(overrides: list[str] | None = None, config_name: str = "config", config_dir: str | None = None):
+    """Hydra composition of `<config_name>.yaml` with overrides (no schema yet). `config_dir` (the user's
+    `--config-dir`) is searched first, then `configs/`: `rewards=mine` finds DIR/rewards/mine.yaml, and a
+    file there shadows ours of the same name."""
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
     from hydra.errors import HydraException
 
     # Dotted overrides become "++key=value" (set or add): every schema field can be overridden whether or
     # not a YAML file mentions it; a key that is not in the schema still fails in `to_schema`.
     overrides = [o if o[0] in "+~" or "." not in o.split("=", 1)[0] else "++" + o for o in overrides or []]
     try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        with _search_path(config_dir):
             return hydra_compose(config_name=config_name, overrides=overrides)
     except HydraException as exc:
         raise ConfigError(f"config: {exc}") from None
+
+
+@contextlib.contextmanager
+def _search_path(config_dir: str | None):
+    """Hydra initialised on `config_dir` (first) and `configs/`. Hydra's public API cannot put a folder
+    before the primary one (`hydra.searchpath` appends, and the primary config is looked up before it is
+    read), so the search path is built with hydra._internal (hydra-core is pinned in constraints.txt)."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.core.global_hydra import GlobalHydra
+
+    path = create_config_search_path(str(CONFIG_DIR))
+    if config_dir is not None:
+        if not Path(config_dir).is_dir():
+            raise ConfigError(f"--config-dir: '{config_dir}' is not a directory")
+        path.prepend("config-dir", f"file://{Path(config_dir).resolve()}", anchor=SearchPathQuery(provider="main"))
+    GlobalHydra.instance().clear()
+    Hydra.create_main_hydra2("v32rl", path)
+    try:
+        yield GlobalHydra.instance().config_loader()
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def config_options(config_dir: str | None = None) -> dict[str, list[str]]:
+    """The primary configs ('--config-name') and each group's options, `config_dir`'s included."""
+    with _search_path(config_dir) as loader:
+        out = {"--config-name": [n for n in loader.get_group_options("") if not n.startswith("_")]}
+        for group in loader.list_groups(""):
+            if group != "hydra":
+                out[group] = loader.get_group_options(group)
+    return out
+
+
+def cli_parser(description: str, argv: list[str] | None = None):
+    """The command line shared by `rl.train` and `rl.eval`: --config-dir, --config-name, --cfg job and the
+    overrides; --help also lists the config groups and their options (with the --config-dir's)."""
+    import argparse
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    epilog = None
+    if "-h" in argv or "--help" in argv:
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("--config-dir")
+        options = config_options(pre.parse_known_args(argv)[0].config_dir)
+        epilog = "primary configs (--config-name NAME) and config groups (group=option):\n" + "\n".join(
+            f"  {group:14s} {', '.join(names)}" for group, names in options.items())
+    p = argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-dir", help="your folder of configs, searched before configs/ (e.g. DIR/rewards/mine.yaml for rewards=mine)")
+    p.add_argument("--config-name", default="config", help="the primary config (default: config)")
+    p.add_argument("--cfg", choices=["job"], help="print the composed, validated config as YAML and exit")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. algo.kl_coef=0.01 rollout.n=8 rewards=mine")
+    return p
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (what `--cfg job` prints and the run dir's config.yaml holds)."""
+    from dataclasses import asdict
+
+    return OmegaConf.to_yaml(OmegaConf.create(asdict(cfg)))
 
 
 def to_schema(raw, validated: bool = True) -> Config:
@@ -226,10 +298,12 @@ def _writable(node) -> None:
                 _writable(child)
 
 
-def load_config(overrides: list[str] | None = None, config_name: str = "config", gpus: int | None = None) -> Config:
-    """Compose, merge into the schema, resolve 'auto' settings for this machine (`gpus`: CUDA devices the
-    driver sees, counted when None) and validate. The resolved choices are in `AUTO_NOTES`."""
-    raw = compose(overrides, config_name)
+def load_config(overrides: list[str] | None = None, config_name: str = "config", gpus: int | None = None,
+                config_dir: str | None = None) -> Config:
+    """Compose (`config_dir` first, then configs/), merge into the schema, resolve 'auto' settings for this
+    machine (`gpus`: CUDA devices the driver sees, counted when None) and validate. The resolved choices
+    are in `AUTO_NOTES`."""
+    raw = compose(overrides, config_name, config_dir)
     cfg = to_schema(raw, validated=False)
     cfg, notes = resolve_auto(cfg, _visible_gpus() if gpus is None else gpus)
     AUTO_NOTES[:] = notes
@@ -331,6 +405,8 @@ def validate(cfg: Config) -> None:
            "steps >= 0, lr > 0, world_size >= 1 and micro_batch_size >= 1 are required")
     _check(t.mode in ("sync", "async"), "trainer.mode", f"must be 'sync' or 'async', got {t.mode!r}")
     _check(t.max_staleness >= 0, "trainer.max_staleness", "must be >= 0")
+    _check(t.save_every >= 0, "trainer.save_every", f"must be >= 0 (0 = only at the end), got {t.save_every}")
+    _check(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
     _check(math.isfinite(t.lr), "trainer.lr", "must be finite")
     _check(d.prompts_per_step >= 1, "data.prompts_per_step", "must be >= 1")
     if cfg.model.dsa_top_k is not None:
@@ -346,6 +422,21 @@ def validate(cfg: Config) -> None:
         raise ConfigError(str(exc)) from None
     _check(bool(specs), "rewards", "at least one domain's reward spec is required")
     validate_agent(cfg, specs)
+    validate_specialists(cfg, specs)
+
+
+def validate_specialists(cfg: Config, specs: dict) -> None:
+    """A specialist is 'rule', 'data:<source>' or a HF checkpoint; the first and last are scored with the
+    domain's reward spec, so their domain needs one (demonstrations are taken as they are)."""
+    for dom, spec in cfg.distill.specialists.items():
+        key = f"distill.specialists.{dom}"
+        _check(isinstance(spec, str) and bool(spec), key, f"must be 'rule', 'data:<source>' or a checkpoint path, got {spec!r}")
+        if spec.startswith("data:"):
+            _check(bool(spec[5:].strip()), key, "'data:' needs a source, e.g. data:demos.jsonl or data:my_org/my_dataset")
+            continue
+        _check(dom in specs, key, f"domain {dom!r} has no reward spec to filter the specialist's outputs (rewards: {sorted(specs)})")
+        _check(spec == "rule" or (Path(spec) / "config.json").is_file(), key,
+               f"'{spec}' is neither 'rule', 'data:<source>' nor a HF checkpoint directory")
 
 
 def model_is_moe(cfg: Config) -> bool:

@@ -1,8 +1,10 @@
-"""Run-directory logging: metrics.jsonl (always), W&B (offline by default), PNG plots, a summary table.
+"""Run-directory logging: metrics.jsonl (always), the evaluations' sampled completions (completions.jsonl
+and a wandb.Table), W&B (offline by default; run name, group and tags from `logging.*`), PNG plots
+(`rl.plots`), a summary table.
 
 Secrets never reach the run dir: the config logged is the validated schema (it has no secret fields), and
 nothing from the environment is written. W&B goes online only with `logging.wandb_mode=online` (and the
-usual WANDB_API_KEY in the environment, which W&B reads itself).
+usual WANDB_API_KEY in the environment, which W&B reads itself); the run's URL is printed then.
 """
 from __future__ import annotations
 
@@ -12,13 +14,25 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-PLOTS = {  # file -> which metrics it draws
-    "reward.png": lambda k: k.startswith("reward/"),
-    "kl.png": lambda k: k in ("train/kl", "train/mismatch_kl"),
-    "response_length.png": lambda k: k.startswith(("rollout/", "eval/")) and k.endswith("response_length"),
-    "opsm.png": lambda k: k == "train/opsm_masked_frac",
-    "eval.png": lambda k: k.startswith("eval/") and not k.endswith("response_length"),
-}
+from rl.plots import draw, read_jsonl
+
+
+class Completions(list):
+    """An evaluation's sampled completions (one dict each: domain, prompt, completion, reward, and the reward
+    dimensions as `reward/<name>`), carried in a metrics row: `Tracker.log` writes them to completions.jsonl
+    and a wandb.Table, never to metrics.jsonl."""
+
+    @classmethod
+    def of(cls, samples) -> "Completions":
+        return cls({"domain": s.domain, "prompt": _prompt_text(s.metadata.get("prompt")), "completion": s.text or "",
+                    "reward": s.reward, **{f"reward/{k}": v for k, v in sorted((s.rewards or {}).items())}}
+                   for s in samples)
+
+
+def _prompt_text(prompt) -> str:
+    if isinstance(prompt, list):  # chat messages
+        return "\n".join(f"{m.get('role')}: {m.get('content')}" for m in prompt)
+    return str(prompt or "")
 
 
 class Tracker:
@@ -29,27 +43,36 @@ class Tracker:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
         self.path, self.consumed_path = self.dir / "metrics.jsonl", self.dir / "consumed.jsonl"
-        for p in (self.path, self.consumed_path):
-            rows = [json.loads(l) for l in p.read_text().splitlines()] if p.exists() and resume_step is not None else []
+        self.completions_path = self.dir / "completions.jsonl"
+        for p in (self.path, self.consumed_path, self.completions_path):
+            # A crash can cut the last line short; read_jsonl leaves it out and the rewrite drops it.
+            rows = read_jsonl(p) if resume_step is not None else []
             p.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= (resume_step or 0)))
-        self.history: list[dict] = [json.loads(l) for l in self.path.read_text().splitlines()]
+        self.history: list[dict] = read_jsonl(self.path)
         resume = resume_step is not None
         self.wandb = None
-        if cfg.logging.wandb and cfg.logging.wandb_mode != "disabled":
+        lg = cfg.logging
+        if lg.wandb and lg.wandb_mode != "disabled":
             import wandb
 
             os.environ.setdefault("WANDB_SILENT", "true")
-            self.wandb = wandb.init(project=cfg.logging.project, dir=str(self.dir), mode=cfg.logging.wandb_mode,
-                                    config=_plain(asdict(cfg)), resume="allow" if resume else None,
-                                    id=_run_id(self.dir), reinit="finish_previous")
+            self.wandb = wandb.init(project=lg.project, dir=str(self.dir), mode=lg.wandb_mode, config=_plain(asdict(cfg)),
+                                    name=lg.run_name or self.dir.resolve().name, group=lg.group, tags=list(lg.tags),
+                                    resume="allow" if resume else None, id=_run_id(self.dir), reinit="finish_previous")
+            if lg.wandb_mode == "online":
+                print(f"wandb: {self.wandb.url}", flush=True)
 
     def log(self, step: int, metrics: dict) -> None:
-        row = {"step": step, **{k: _num(v) for k, v in metrics.items()}}
+        tables = {k: v for k, v in metrics.items() if isinstance(v, Completions)}
+        row = {"step": step, **{k: _num(v) for k, v in metrics.items() if k not in tables}}
         self.history = [h for h in self.history if h["step"] != step or h.get("_kind") != row.get("_kind")] + [row]
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        with open(self.completions_path, "a") as f:
+            f.writelines(json.dumps({"step": step, **c}) + "\n" for comps in tables.values() for c in comps)
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in row.items() if k != "_kind" and v is not None}, step=step)
+            logged = {k: v for k, v in row.items() if k != "_kind" and v is not None}
+            self.wandb.log({**logged, **{k: _table(c) for k, c in tables.items() if c}}, step=step)
 
     def log_consumed(self, step: int, sources: list[str]) -> None:
         """Which prompts (file:row) a trained step consumed: resume tests compare these multisets."""
@@ -57,29 +80,7 @@ class Tracker:
             f.write(json.dumps({"step": step, "prompts": sources}) + "\n")
 
     def plots(self) -> list[Path]:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        out = []
-        for name, wanted in PLOTS.items():
-            keys = sorted({k for h in self.history for k in h if wanted(k)})
-            if not keys:
-                continue
-            fig, ax = plt.subplots(figsize=(7, 4))
-            for k in keys:
-                pts = [(h["step"], h[k]) for h in self.history if h.get(k) is not None]
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", markersize=2, label=k)
-            ax.set_xlabel("step")
-            ax.legend(fontsize=7)
-            ax.grid(alpha=0.3)
-            fig.tight_layout()
-            fig.savefig(self.dir / name, dpi=100)
-            plt.close(fig)
-            out.append(self.dir / name)
-        return out
+        return draw(self.history, self.dir)
 
     def finish(self) -> None:
         if self.cfg.logging.plots:
@@ -96,6 +97,13 @@ def summary_table(history: list[dict], keys: list[str]) -> str:
         if vals:
             lines.append(f"{k:40s} {vals[0]:9.4f} {vals[-1]:9.4f} {max(vals):9.4f}")
     return "\n".join(lines)
+
+
+def _table(completions: Completions):
+    import wandb
+
+    columns = list(dict.fromkeys(k for c in completions for k in c))  # every row's keys, first-seen order
+    return wandb.Table(columns=columns, data=[[c.get(k) for k in columns] for c in completions])
 
 
 def _num(v):

@@ -1,15 +1,15 @@
-"""The driver: `python -m rl.train [--config-name NAME] [key=value ...]` (Hydra overrides).
+"""The driver: `python -m rl.train [--config-dir DIR] [--config-name NAME] [--cfg job] [key=value ...]`.
 
     generate -> score -> advantages -> train -> sync weights -> log -> checkpoint
 
 `setup` turns the config into plain components (no Ray yet: every config and data error surfaces first);
 `rl.components` builds the engines and the learner; `Prefetcher` owns the one scheduling decision (sync:
 collect step k+1 after step k's weights reached the engines; async: while step k trains, staleness 1,
-bounded by `trainer.max_staleness`: older samples are dropped and counted); `_loop` is the loop.
+bounded by `trainer.max_staleness`: older samples are dropped and counted); `_loop` is the loop. The run
+dir's rules (one run at a time, nothing wiped, config.yaml, numbered checkpoints) are `rl.rundir`'s.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -17,13 +17,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from rl import components, pipeline
+from rl import components, pipeline, rundir
 from rl.eval import evaluate_setup as evaluate
 from rl.cluster import ray_session
 from rl.components import Setup, setup
-from rl.config import AUTO_NOTES, Config, ConfigError, load_config
+from rl.config import AUTO_NOTES, Config, ConfigError, cli_parser, load_config, to_yaml
 from rl.data import DataError, PromptStream
 from rl.learner import LearnerFailure
+from rl.rundir import RunDirError
+from rollout import progress
 from rollout.manager import StaleWeightsError
 
 
@@ -118,8 +120,17 @@ def check_budgets(batch: Batch, metrics: dict, cfg: Config, nonfinite: int) -> i
     return nonfinite
 
 
-def start(s: Setup, learner, engines, resume: bool):
-    """Restore (or distil), bring the engines to the learner's weights, and open the tracker and the stream."""
+def save(s: Setup, learner, step: int, position: dict | None) -> None:
+    """Checkpoint `step` as checkpoints/step_N (atomic: the learner writes a temp dir with a COMPLETE marker
+    and renames it), point checkpoints/latest at it, keep the newest `trainer.keep_checkpoints`."""
+    path = rundir.step_dir(s.dir, step)
+    learner.save_checkpoint(str(path), {"step": step, "data_position": position})
+    rundir.point_latest(s.dir, path, s.cfg.trainer.keep_checkpoints)
+
+
+def start(s: Setup, learner, engines, resume: bool, demos: dict):
+    """Restore (or distil), bring the engines to the learner's weights, and open the tracker and the stream.
+    `demos`: the `data:` specialists' samples (`rl.distill.demonstrations`)."""
     from rl.distill import distill
     from rl.tracking import Tracker
 
@@ -129,19 +140,20 @@ def start(s: Setup, learner, engines, resume: bool):
     if state["data_position"]:
         stream.restore(state["data_position"])
     if s.cfg.distill.enabled and not resume:
-        tracker.log(0, {"_kind": "distill", **distill(s.cfg, s.tok, s.specs, s.pool, s.agent, s.train_prompts, learner)})
+        tracker.log(0, {"_kind": "distill", **distill(s.cfg, s.tok, s.specs, s.pool, s.agent, s.train_prompts, learner, demos)})
+        save(s, learner, 0, None)  # a crash during RL resumes after the SFT instead of redoing it
     if resume or s.cfg.distill.enabled:
         sync_weights(learner, engines, s.dir, state["step"])
-    if not resume:
+    if not resume and s.cfg.trainer.steps:  # with steps=0 (an SFT job) the final evaluation is the only one
         tracker.log(0, {"_kind": "eval", **evaluate(s, engines)})
     return state["step"], tracker, stream
 
 
-def _loop(s: Setup, resume: bool):
+def _loop(s: Setup, resume: bool, demos: dict):
     cfg, steps = s.cfg, s.cfg.trainer.steps
     with ray_session(cfg.cluster):
         learner, engines = components.learner(cfg, s.model_path, s.kl_coefs), components.engines(cfg, s.model_path)
-        first, tracker, stream = start(s, learner, engines, resume)
+        first, tracker, stream = start(s, learner, engines, resume, demos)
         prefetch = Prefetcher(lambda k: collect(s, engines, stream, k), cfg.trainer.mode, steps)
         prefetch.start(first)
         nonfinite, t_last = 0, time.time()
@@ -157,37 +169,48 @@ def _loop(s: Setup, resume: bool):
             tracker.log(step + 1, row)
             tracker.log_consumed(step + 1, batch.sources)
             _progress(cfg, step + 1, row)
-            if due(cfg.trainer.save_every, step + 1, steps + 1):
-                learner.save_checkpoint(str(s.ckpt), {"step": step + 1, "data_position": batch.position})
+            if due(cfg.trainer.save_every, step + 1, steps):
+                save(s, learner, step + 1, batch.position)
         prefetch.close()
         tracker.log(steps, {"_kind": "eval", **evaluate(s, engines)})
-        learner.save_checkpoint(str(s.ckpt), {"step": steps, "data_position": stream.position})  # nothing in flight
+        save(s, learner, steps, stream.position)  # nothing in flight
         learner.export_hf(str(s.dir / "final_model"))
         learner.shutdown()
     return tracker
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="GRPO with DeepSeek-V3.2's corrections.")
-    p.add_argument("--config-name", default="config")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. algo.kl_coef=0.01 rollout.n=8")
-    a = p.parse_args(argv)
+    a = cli_parser("GRPO with DeepSeek-V3.2's corrections.", argv).parse_args(argv)
     try:
-        cfg = load_config(a.overrides, a.config_name)  # fails fast, before Ray or any model starts
-        s = setup(cfg)
-    except (ConfigError, DataError, FileNotFoundError) as exc:
+        cfg = load_config(a.overrides, a.config_name, config_dir=a.config_dir)  # fails fast, before Ray or any model
+        if a.cfg:
+            print(to_yaml(cfg), end="")
+            return 0
+        held = rundir.lock(cfg.trainer.run_dir)  # one run per run dir, until this returns or the process dies
+    except (ConfigError, RunDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from rl.tracking import summary_table
-    from rollout.weights import recover_dir
+    with held:
+        return run(cfg)
 
+
+def run(cfg: Config) -> int:
+    """Set up, prepare the run dir (resume or not), train; the exit code."""
+    from rl.distill import demonstrations
+    from rl.tracking import summary_table
+
+    try:
+        s = setup(cfg)
+        resume = rundir.prepare(s.dir, cfg, to_yaml(cfg))
+        demos = demonstrations(cfg, s.tok) if cfg.distill.enabled and not resume else {}
+    except (ConfigError, DataError, FileNotFoundError, RunDirError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if AUTO_NOTES:
         print("auto settings: " + "; ".join(AUTO_NOTES), flush=True)
-    note = recover_dir(s.ckpt)  # a crash during the last checkpoint write
-    if note:
-        print(f"checkpoint recovery: {note}", file=sys.stderr)
+    progress.enable(cfg.logging.progress)
     try:
-        tracker = _loop(s, resume=(s.ckpt / "COMPLETE").is_file())
+        tracker = _loop(s, resume, demos)
     except (RunError, LearnerFailure, StaleWeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
