@@ -1,8 +1,10 @@
 """What every rollout engine shares: its config, the sampling config, the registry, and the Ray actor.
 
 An engine is a class with `generate(prompts, sampling, prompt_offset) -> list[Sample]`,
-`update_weights(path, version)` and `ping() -> version`. `vllm` is the default; `reference` (pure
-PyTorch, exact routing and sampling-mask capture on CPU) is selected with `rollout.engine=reference`.
+`update_weights(path, version)` (a HF checkpoint), `update_weights_from_tensors(named, version)` (state-dict
+names, streamed: `rollout.weight_transfer`) and `ping() -> version`; vLLM also loads over CUDA IPC and NCCL.
+`vllm` is the default; `reference` (pure PyTorch, exact routing and sampling-mask capture on CPU) is selected
+with `rollout.engine=reference`.
 """
 from __future__ import annotations
 
@@ -93,12 +95,38 @@ class EngineHost:
         self.engine.update_weights(path, version)
         return self.engine.policy_version
 
+    # Tensor weight sync (rollout.weight_transfer): each returns the engine's policy version afterwards.
+    def update_weights_from_refs(self, refs: list, version: int) -> int:
+        """Object store: the learner's buckets, fetched one at a time while the engine loads them."""
+        from rollout.weight_transfer import tensors_from_refs
+
+        self.engine.update_weights_from_tensors(tensors_from_refs(refs), version)
+        return self.engine.policy_version
+
+    def update_weights_from_ipc(self, handles: list, version: int | None) -> int:
+        self.engine.update_weights_from_ipc(handles, version)
+        return self.engine.policy_version
+
+    def init_weight_group(self, host: str, port: int, rank: int, world_size: int) -> None:
+        self.engine.init_weight_group(host, port, rank, world_size)
+
+    def update_weights_from_nccl(self, plan: list, version: int) -> int:
+        self.engine.update_weights_from_nccl(plan, version)
+        return self.engine.policy_version
+
+    def placement(self) -> tuple[str, tuple[str, ...]]:
+        from rollout.weight_transfer import placement
+
+        return placement()
+
     def ping(self) -> int:
         return self.engine.policy_version
 
 
-def engine_actor(num_cpus: float = 1, num_gpus: float = 0, max_restarts: int = 0):
-    """The Ray actor class for `EngineHost` (Ray is imported only where actors are used)."""
+def engine_actor(num_cpus: float = 1, num_gpus: float = 0, max_restarts: int = 0, resources: dict | None = None):
+    """The Ray actor class for `EngineHost` (Ray is imported only where actors are used); `resources`: custom
+    Ray resources each engine needs (pins engines to the nodes that offer them)."""
     import ray
 
-    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts)(EngineHost)
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
+                      resources=dict(resources or {}))(EngineHost)

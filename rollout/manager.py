@@ -33,12 +33,13 @@ class RolloutManager:
     """`num_engines` engine actors; `generate` spreads prompt chunks over whichever engine is free."""
 
     def __init__(self, cfg: EngineConfig, num_engines: int = 1, chunk_prompts: int = 8, max_retries: int = 2,
-                 num_cpus: float = 1, num_gpus: float = 0):
+                 num_cpus: float = 1, num_gpus: float = 0, resources: dict | None = None):
         self.cfg, self.chunk_prompts, self.max_retries = cfg, chunk_prompts, max_retries
-        self._actor_cls = engine_actor(num_cpus=num_cpus, num_gpus=num_gpus)
+        self._actor_cls = engine_actor(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources)
         self.engines = [self._actor_cls.remote(cfg) for _ in range(num_engines)]
         self.version = 0
-        self.weights_path: str | None = None  # the last synced checkpoint: restarted engines load it
+        self._restore = None  # brings a new engine actor to the last synced weights (set by every sync)
+        self.weight_sync = None  # the transport that feeds these engines (rl.components.weight_sync sets it)
         import ray
 
         ray.get([e.ping.remote() for e in self.engines])
@@ -84,11 +85,16 @@ class RolloutManager:
         return samples, stats
 
     def update_weights(self, path: str, version: int) -> None:
-        """Every engine loads `path`; then each must report `version`, else StaleWeightsError."""
+        """Every engine loads the HF checkpoint at `path`; then each must report `version`, else StaleWeightsError."""
         import ray
 
         got = ray.get([e.update_weights.remote(path, version) for e in self.engines])
-        self.version, self.weights_path = version, path
+        self.synced(version, got, lambda actor: ray.get(actor.update_weights.remote(path, version)))
+
+    def synced(self, version: int, got: list[int], restore) -> None:
+        """Record a finished sync: `got` holds each engine's version (StaleWeightsError unless all are
+        `version`); `restore(actor)` brings a restarted engine to the same weights."""
+        self.version, self._restore = version, restore
         self.check_versions(got)
 
     def check_versions(self, got: list[int] | None = None) -> None:
@@ -108,10 +114,9 @@ class RolloutManager:
         except Exception:  # noqa: BLE001  already gone
             pass
         self.engines[i] = self._actor_cls.remote(self.cfg)
-        if self.weights_path is not None:
-            ray.get(self.engines[i].update_weights.remote(self.weights_path, self.version))
-        else:
-            ray.get(self.engines[i].ping.remote())
+        if self._restore is not None:
+            self._restore(self.engines[i])
+        ray.get(self.engines[i].ping.remote())
 
     @staticmethod
     def _aborted(chunk: list[list[int]], start: int, n: int, reason: str) -> list[Sample]:

@@ -53,6 +53,24 @@ class ReferenceEngine:
         self.model.load_state_dict(load_hf_model(path, self.cfg.dtype).state_dict())
         self.policy_version = version
 
+    @torch.no_grad()
+    def update_weights_from_tensors(self, named, version: int) -> None:
+        """Copy (state-dict name, tensor) pairs into the running model as they arrive (the learner's in-memory
+        names: same transformers class, same names). Every weight must come exactly once: a name the model does
+        not have, or one left out, is an error (the version is then not taken)."""
+        from rollout.weight_transfer import sync_state
+
+        own, seen = sync_state(self.model), set()
+        for name, t in named:
+            if name not in own:
+                raise KeyError(f"weight sync: the engine's model has no weight {name!r}")
+            own[name].copy_(t)
+            seen.add(name)
+        missing = sorted(set(own) - seen)
+        if missing:
+            raise ValueError(f"weight sync left {len(missing)} weights unloaded, e.g. {missing[:3]}")
+        self.policy_version = version
+
     def ping(self) -> int:
         return self.policy_version
 

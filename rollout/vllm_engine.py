@@ -102,24 +102,44 @@ class VLLMEngine:
             self.llm.reset_prefix_cache()
         self.policy_version = version
 
-    def update_weights_from_ipc(self, handles: list, version: int) -> None:
-        """GPU, learner on the same GPU: load tensors shared by CUDA IPC (`rollout.weight_transfer`)."""
-        from rollout.weight_transfer import load_from_ipc
+    def update_weights_from_tensors(self, named, version: int) -> None:
+        """Load (state-dict name, tensor) pairs as they arrive (the object store transport) through vLLM's
+        in-place `reload_weights`, which re-runs the per-layer processing a fresh load runs. Dense models only
+        on CPU (see `update_weights`), and the in-process engine only: the iterator is handed to the worker."""
+        from rollout.weight_transfer import checkpoint_names
 
-        self.llm.collective_rpc(load_from_ipc, args=(handles,))
+        if self.is_moe and _is_cpu():
+            raise RuntimeError("vLLM on CPU cannot reload MoE weights in place (its reload corrupts the fused "
+                               "experts): use trainer.weight_sync=checkpoint, which restarts the engine")
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") != "0":
+            raise RuntimeError("object-store weight sync feeds vLLM's in-process engine only "
+                               "(VLLM_ENABLE_V1_MULTIPROCESSING=0, the CPU default); on GPU use ipc or nccl")
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": checkpoint_names(named)})
         self.llm.reset_prefix_cache()
         self.policy_version = version
 
-    def init_weight_group(self, host: str, port: int) -> None:
-        """GPU, learner on another GPU: join its NCCL weight group (the learner calls NcclWeightSender)."""
+    def update_weights_from_ipc(self, handles: list, version: int | None) -> None:
+        """GPU, learner on the same GPU: load tensors shared by CUDA IPC (`rollout.weight_transfer`), one
+        bucket per call; `version` (on the last call, which may carry no handles) finishes the sync."""
+        from rollout.weight_transfer import load_from_ipc
+
+        if handles:
+            self.llm.collective_rpc(load_from_ipc, args=(handles,))
+        if version is not None:
+            self.llm.reset_prefix_cache()
+            self.policy_version = version
+
+    def init_weight_group(self, host: str, port: int, rank: int = 1, world_size: int = 2) -> None:
+        """GPU, learner on another GPU: join its NCCL weight group as `rank` (the learner is rank 0)."""
         from rollout.weight_transfer import init_nccl_receiver
 
-        self.llm.collective_rpc(init_nccl_receiver, args=(host, port))
+        self.llm.collective_rpc(init_nccl_receiver, args=(host, port, rank, world_size))
 
-    def update_weights_from_nccl(self, metas: list, version: int) -> None:
+    def update_weights_from_nccl(self, plan: list, version: int) -> None:
+        """Receive the learner's broadcasts (`plan`: buckets of (name, shape, dtype)) and load them."""
         from rollout.weight_transfer import load_from_nccl
 
-        self.llm.collective_rpc(load_from_nccl, args=(metas,))
+        self.llm.collective_rpc(load_from_nccl, args=(plan,))
         self.llm.reset_prefix_cache()
         self.policy_version = version
 

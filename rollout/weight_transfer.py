@@ -1,35 +1,80 @@
-"""Weight sync without the file system: CUDA IPC when the learner and the engine share a GPU, NCCL when
-they are on different GPUs (vLLM's `StatelessProcessGroup` + `PyNcclCommunicator`, the pattern of vLLM's
-RLHF example, so the engine's own torch.distributed world is left alone).
+"""Weight sync: the learner's weights -> every rollout engine, bucket by bucket, without the file system.
 
-Learner side: `checkpoint_tensors(model)` yields the weights under their HF checkpoint names as views
-(transformers 5 keeps Qwen3-MoE experts fused in memory, `experts.gate_up_proj [E, 2I, H]`, and splits
-them per expert only when saving; vLLM's `load_weights` expects the per-expert names), then
-`ipc_handles(...)` or `NcclWeightSender.send(...)`. Engine side: `VLLMEngine.update_weights_from_ipc` /
-`update_weights_from_nccl`, which run `load_weights` in the vLLM worker through `collective_rpc`.
+`WeightSync.sync(version)` is the driver's one call per step (`rl.components.weight_sync` builds it from
+`trainer.weight_sync`). The transports (`SENDERS`, the learner rank 0 end of each):
+- `object_store` (engines on CPU, any node): each bucket is one `ray.put`; every engine fetches the buckets
+  one at a time while it loads them (Ray moves them between nodes). The refs are kept until the next sync,
+  so a restarted engine loads the very same objects (exact, no learner call).
+- `ipc` (learner and engine on the same GPU): CUDA IPC handles of each bucket; the engine maps the learner's
+  memory and copies it in.
+- `nccl` (engines on other GPUs or nodes): one group of learner rank 0 + the engines (vLLM's
+  `StatelessProcessGroup` + `PyNcclCommunicator`, the pattern of vLLM's RLHF example, so the engine's own
+  torch.distributed world is left alone); each bucket is one broadcast of a flat byte buffer.
+- `checkpoint` (the fallback, not a sender): the learner exports a HF checkpoint into the run dir and every
+  engine loads it. Needed for vLLM MoE on CPU (its in-place reload corrupts the fused experts, so the engine
+  restarts from the checkpoint) and for tensor-parallel engines.
+
+Learner side (`push`): the weights travel under the learner's in-memory state-dict names (transformers 5
+keeps Qwen3-MoE experts fused, `experts.gate_up_proj [E, 2I, H]`), cast to the engine's dtype, in buckets
+planned from the shapes alone; a sharded (FSDP2) learner gathers one tensor at a time with
+`DTensor.full_tensor()` on every rank and rank 0 sends, so no rank holds more than one bucket of gathered
+weights. Engine side: the reference engine copies those names into its transformers model; vLLM's
+`load_weights` wants the per-expert checkpoint names, which `checkpoint_names` makes as views (no copies).
 
 Measured on GPU in bench/gpu_weight_sync.py (time vs bytes, correctness against the learner's log-probs).
-Not covered: tensor-parallel engines (every TP rank would receive the full tensors and shard them itself,
-which `load_weights` does, but it is untested), FSDP-sharded learners (gather first: `Learner.full_state_dict`),
-and the driver does not use these transports yet (it syncs through /dev/shm checkpoints).
+Not covered: tensor-parallel engines with ipc/nccl (every TP worker would join as the same rank; the config
+refuses it), object_store into vLLM's multiprocess engine (its worker is not a Ray worker: on GPU use ipc or
+nccl), fused expert tensors into vLLM (newer vLLM accepts them, which would save the per-expert
+`load_weights` calls that bench/README.md found to be the ceiling; untested here, so experts go per expert).
 """
 from __future__ import annotations
 
+import math
 import re
+import warnings
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import torch
 
+from rewards.registry import Registry
+
+TRANSPORTS = ("auto", "nccl", "ipc", "object_store", "checkpoint")  # trainer.weight_sync
+SENDERS: Registry = Registry("weight sync transport")
 _FUSED_EXPERTS = re.compile(r"^(.*\.experts)\.(gate_up_proj|down_proj)$")
 
+Meta = tuple[str, tuple, str]  # (name, shape, dtype name): what a receiver allocates before a broadcast
 
-def checkpoint_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) as in the model's HF checkpoint, without copies (fused experts are sliced into views).
-    A tied `lm_head.weight` is skipped, as save_pretrained does."""
+
+@dataclass(frozen=True)
+class SyncSpec:
+    """What the learner needs to push: the transport (a SENDERS name), the bucket size, the engine's dtype."""
+
+    transport: str
+    bucket_mb: int = 256
+    dtype: str = "float32"  # the engines' weight dtype: the learner casts, so bf16 engines get half the bytes
+
+
+@dataclass
+class Pushed:
+    """What a push returns (from learner rank 0): each engine's version, and the buckets (object store)."""
+
+    versions: list[int]
+    refs: list | None = None
+
+
+# -------------------------------------------------------------------------------------------------- names
+def sync_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict that a sync sends: a tied `lm_head.weight` is skipped (the embedding carries it, as in
+    save_pretrained). FSDP2 models give DTensor shards here; `push` gathers them one at a time."""
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    for name, t in model.state_dict().items():
-        if tied and name == "lm_head.weight":
-            continue
+    return {n: t for n, t in model.state_dict().items() if not (tied and n == "lm_head.weight")}
+
+
+def checkpoint_names(named: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """In-memory names -> HF checkpoint names: fused experts (`experts.gate_up_proj [E, 2I, H]`,
+    `experts.down_proj [E, H, I]`) are sliced into per-expert views; everything else passes as it is."""
+    for name, t in named:
         m = _FUSED_EXPERTS.match(name)
         if m is None:
             yield name, t
@@ -44,6 +89,162 @@ def checkpoint_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tens
                 yield f"{prefix}.{e}.down_proj.weight", t[e]
 
 
+def checkpoint_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) as in the model's HF checkpoint, without copies."""
+    return checkpoint_names(sync_state(model).items())
+
+
+# ------------------------------------------------------------------------------------------ learner side
+def _nbytes(meta: Meta) -> int:
+    return math.prod(meta[1]) * getattr(torch, meta[2]).itemsize
+
+
+def plan_buckets(metas: list[Meta], bucket_bytes: int) -> list[list[Meta]]:
+    """Consecutive tensors grouped until a bucket would pass `bucket_bytes` (a larger tensor is a bucket alone)."""
+    plan, size = [[]], 0
+    for m in metas:
+        if plan[-1] and size + _nbytes(m) > bucket_bytes:
+            plan.append([])
+            size = 0
+        plan[-1].append(m)
+        size += _nbytes(m)
+    return [b for b in plan if b]
+
+
+def push(state: dict[str, torch.Tensor], spec: SyncSpec, engines: list, version: int, send: bool = True,
+         cache: dict | None = None) -> Pushed | None:
+    """Stream `state` (from `sync_state`) to `engines` (Ray actor handles of `rollout.engine.EngineHost`) through
+    `spec.transport`. DTensor entries are gathered one at a time, so every rank of a sharded learner calls this
+    in step and only the rank with `send` talks to the engines; `cache` keeps a transport's setup (the NCCL
+    group) between syncs. Returns the sender's `Pushed` (None where `send` is False)."""
+    dtype = getattr(torch, spec.dtype)
+    plan = plan_buckets([(n, tuple(t.shape), spec.dtype) for n, t in state.items()], spec.bucket_mb << 20)
+    sender = SENDERS.get(spec.transport)(engines, {} if cache is None else cache) if send else None
+    if sender:
+        sender.begin(plan, version)
+    for bucket in plan:
+        tensors = []
+        for name, _, _ in bucket:
+            t = state[name]
+            t = t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP2: a collective, every rank
+            tensors.append((name, t.detach().to(dtype)))
+        if sender:
+            sender.send(tensors)
+        del tensors  # gathered copies live one bucket long
+    return sender.finish(version) if sender else None
+
+
+def pack(bucket: list[tuple[str, torch.Tensor]]) -> list[tuple[str, str, tuple, object]]:
+    """Tensors as flat byte arrays (numpy): Ray stores them without pickling their data and an engine on the
+    same node reads them in place (bf16 has no numpy dtype, hence bytes + dtype + shape)."""
+    return [(n, str(t.dtype).removeprefix("torch."), tuple(t.shape),
+             t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()) for n, t in bucket]
+
+
+def unpack(packed: list[tuple[str, str, tuple, object]]) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, dtype, shape, data in packed:
+        with warnings.catch_warnings():  # the object store's arrays are read-only; loading only reads them
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(data)
+        yield name, t.view(getattr(torch, dtype)).reshape(shape)
+
+
+def tensors_from_refs(refs: list) -> Iterator[tuple[str, torch.Tensor]]:
+    """Engine side of the object store: fetch one bucket at a time (the previous one is dropped)."""
+    import ray
+
+    for ref in refs:
+        yield from unpack(ray.get(ref))
+
+
+@SENDERS.register("object_store")
+class ObjectStoreSender:
+    def __init__(self, engines: list, cache: dict):
+        self.engines, self.refs = engines, []
+
+    def begin(self, plan: list[list[Meta]], version: int) -> None:
+        pass
+
+    def send(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
+        import ray
+
+        self.refs.append(ray.put(pack(bucket)))
+
+    def finish(self, version: int) -> Pushed:
+        import ray
+
+        # The refs travel inside a list, so Ray does not resolve them up front: each engine fetches as it loads.
+        return Pushed(ray.get([e.update_weights_from_refs.remote(self.refs, version) for e in self.engines]), self.refs)
+
+
+@SENDERS.register("ipc")
+class IpcSender:
+    def __init__(self, engines: list, cache: dict):
+        self.engines = engines
+
+    def begin(self, plan: list[list[Meta]], version: int) -> None:
+        pass
+
+    def send(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
+        import ray
+
+        handles = ipc_handles(bucket)  # the bucket's tensors must live until every engine has copied them
+        ray.get([e.update_weights_from_ipc.remote(handles, None) for e in self.engines])
+
+    def finish(self, version: int) -> Pushed:
+        import ray
+
+        return Pushed(ray.get([e.update_weights_from_ipc.remote([], version) for e in self.engines]))
+
+
+@SENDERS.register("nccl")
+class NcclSender:
+    """Learner rank 0 is rank 0 of a group with the engines (engine i is rank i + 1), made at the first sync to
+    this set of engines and kept in `cache` (a restarted engine makes a new set, hence a new group)."""
+
+    def __init__(self, engines: list, cache: dict):
+        import ray
+
+        self.engines = engines
+        key = tuple(e._actor_id.hex() for e in engines)
+        if cache.get("nccl_key") != key:
+            host, port = ray.util.get_node_ip_address(), free_port()
+            joins = [e.init_weight_group.remote(host, port, i + 1, len(engines) + 1) for i, e in enumerate(engines)]
+            cache["nccl"] = NcclWeightSender(host, port, torch.cuda.current_device(), world_size=len(engines) + 1)
+            ray.get(joins)
+            cache["nccl_key"] = key
+        self.comm = cache["nccl"]
+
+    def begin(self, plan: list[list[Meta]], version: int) -> None:
+        self.pending = [e.update_weights_from_nccl.remote(plan, version) for e in self.engines]
+
+    def send(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
+        self.comm.send_bucket([t for _, t in bucket])
+
+    def finish(self, version: int) -> Pushed:
+        import ray
+
+        return Pushed(ray.get(self.pending))
+
+
+def free_port(host: str = "") -> int:
+    """A TCP port free on this node now (the caller binds it soon after; a race is possible, as everywhere)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def placement() -> tuple[str, tuple[str, ...]]:
+    """(Ray node id, GPU ids on that node) of the calling actor: two actors on the same GPU give equal tuples."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return ctx.get_node_id(), tuple(sorted(str(g) for g in ctx.get_accelerator_ids().get("GPU", [])))
+
+
+# ----------------------------------------------------------------------------- CUDA IPC and NCCL (vLLM side)
 def ipc_handles(named: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, tuple]]:
     """CUDA IPC handles (picklable, a few hundred bytes each). The caller keeps the tensors alive until the
     engine has loaded them."""
@@ -62,52 +263,98 @@ def _rebuild(handle: tuple) -> torch.Tensor:
 def load_from_ipc(worker, handles: list[tuple[str, tuple]]) -> int:
     """Runs in the vLLM worker (collective_rpc): map the learner's memory, load it, return the count."""
     model = worker.model_runner.get_model()
-    model.load_weights(weights=((name, _rebuild(h)) for name, h in handles))
+    model.load_weights(weights=checkpoint_names((name, _rebuild(h)) for name, h in handles))
     torch.cuda.synchronize()
     return len(handles)
 
 
-def _communicator(host: str, port: int, rank: int, device):
+def _communicator(host: str, port: int, rank: int, device, world_size: int = 2):
     from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
     from vllm.distributed.utils import StatelessProcessGroup
 
-    pg = StatelessProcessGroup.create(host=host, port=port, rank=rank, world_size=2)
+    pg = StatelessProcessGroup.create(host=host, port=port, rank=rank, world_size=world_size)
     return PyNcclCommunicator(pg, device=device)
 
 
-def init_nccl_receiver(worker, host: str, port: int) -> bool:
-    """Runs in the vLLM worker: join the learner's two-rank weight group as rank 1."""
-    worker._weight_comm = _communicator(host, port, 1, torch.device("cuda", torch.cuda.current_device()))
+def init_nccl_receiver(worker, host: str, port: int, rank: int = 1, world_size: int = 2) -> bool:
+    """Runs in the vLLM worker: join the learner's weight group as `rank`."""
+    worker._weight_comm = _communicator(host, port, rank, torch.device("cuda", torch.cuda.current_device()), world_size)
     return True
 
 
-def load_from_nccl(worker, metas: list[tuple[str, tuple, str]]) -> int:
-    """Runs in the vLLM worker: receive each (name, shape, dtype) broadcast by rank 0, in order, and load it."""
+def load_from_nccl(worker, plan: list) -> int:
+    """Runs in the vLLM worker: receive the buckets of `plan` (lists of (name, shape, dtype), as broadcast by
+    `NcclWeightSender.send_bucket`), or single tensors when `plan` is a flat list of metas (`send`), and load
+    them as they arrive."""
     comm, model = worker._weight_comm, worker.model_runner.get_model()
+    buckets = plan if plan and isinstance(plan[0], list) else [[m] for m in plan]
 
     def received():
-        for name, shape, dtype in metas:
-            buf = torch.empty(shape, dtype=getattr(torch, dtype), device="cuda")
+        for bucket in buckets:
+            sizes = [_nbytes(m) for m in bucket]
+            buf = torch.empty(sum(sizes), dtype=torch.uint8, device="cuda")
             comm.broadcast(buf, src=0, stream=torch.cuda.current_stream())
-            yield name, buf
+            for (name, shape, dtype), chunk in zip(bucket, buf.split(sizes)):
+                yield name, chunk.view(getattr(torch, dtype)).view(shape)
 
-    model.load_weights(weights=received())
+    model.load_weights(weights=checkpoint_names(received()))
     torch.cuda.synchronize()
-    return len(metas)
+    return sum(len(b) for b in buckets)
 
 
 class NcclWeightSender:
-    """The learner's end of the weight group (rank 0). The engine joins with `init_nccl_receiver` at the
-    same time (the rendezvous blocks until both are there)."""
+    """The learner's end of the weight group (rank 0). The engines join with `init_nccl_receiver` at the
+    same time (the rendezvous blocks until all are there)."""
 
-    def __init__(self, host: str, port: int, device: int = 0):
-        self.comm = _communicator(host, port, 0, torch.device("cuda", device))
+    def __init__(self, host: str, port: int, device: int = 0, world_size: int = 2):
+        self.comm = _communicator(host, port, 0, torch.device("cuda", device), world_size)
 
     @staticmethod
-    def metas(named: list[tuple[str, torch.Tensor]]) -> list[tuple[str, tuple, str]]:
+    def metas(named: list[tuple[str, torch.Tensor]]) -> list[Meta]:
         return [(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in named]
 
     def send(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        """One broadcast per tensor (the receiver gets `metas(named)`)."""
         for _, t in named:
-            self.comm.broadcast(t.contiguous(), src=0, stream=torch.cuda.current_stream())
+            self.comm.broadcast(t.contiguous().view(-1).view(torch.uint8), src=0, stream=torch.cuda.current_stream())
         torch.cuda.synchronize()
+
+    def send_bucket(self, tensors: list[torch.Tensor]) -> None:
+        """One broadcast for the whole bucket, as bytes (the receiver splits it by the bucket's metas)."""
+        flat = torch.cat([t.contiguous().view(-1).view(torch.uint8) for t in tensors])
+        self.comm.broadcast(flat, src=0, stream=torch.cuda.current_stream())
+        torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------------------------------- driver side
+class WeightSync:
+    """The driver's weight sync. `sync(version)` brings every engine of `engines` (a `RolloutManager`) to the
+    learner's current weights and checks that each reports `version` (StaleWeightsError otherwise); it also
+    tells the manager how a restarted engine catches up. `learner` is anything with `push_weights(spec,
+    engine_actors, version) -> Pushed` and `export_hf(dir, bucket_mb, version=)` (rl.learner.LearnerGroup)."""
+
+    def __init__(self, learner, engines, spec: SyncSpec, checkpoint_dir: str):
+        self.learner, self.engines, self.spec, self.checkpoint_dir = learner, engines, spec, checkpoint_dir
+
+    @property
+    def transport(self) -> str:
+        return self.spec.transport
+
+    def sync(self, version: int) -> None:
+        if self.transport == "checkpoint":
+            path = self.learner.export_hf(self.checkpoint_dir, self.spec.bucket_mb, version=version)
+            self.engines.update_weights(path, version)
+            return
+        pushed = self.learner.push_weights(self.spec, self.engines.engines, version)
+        self.engines.synced(version, pushed.versions, self._restorer(pushed, version))
+
+    def _restorer(self, pushed: Pushed, version: int):
+        import ray
+
+        if pushed.refs is not None:  # the same objects: exact, and the learner is not involved
+            refs = pushed.refs
+            return lambda actor: ray.get(actor.update_weights_from_refs.remote(refs, version))
+        # GPU transports keep nothing between syncs: the learner pushes again. In async mode the learner may
+        # have trained since, so such an engine can hold weights one step newer than `version` until the next
+        # sync (its samples count as one step staler than they are: dropped early, never trained on stale).
+        return lambda actor: self.learner.push_weights(self.spec, [actor], version)

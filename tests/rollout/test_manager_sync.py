@@ -1,18 +1,27 @@
-"""Two engine actors and a driver: groups for 16 prompts, a weight sync, regeneration with the new weights,
-and a synced engine behaving exactly like a fresh engine loaded from the same weights."""
+"""Two engine actors and a driver: groups for 16 prompts, a weight sync through each transport that runs on CPU,
+regeneration with the new weights, and a synced engine behaving exactly like a fresh engine loaded from the
+same weights. The tensor transports write no file."""
 from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
+from ray import cloudpickle
 
 from rollout.engine import EngineConfig, SamplingConfig, engine_actor
 from rollout.manager import RolloutManager, StaleWeightsError
 from rollout.reference_engine import load_hf_model
 from rollout.sample import Status
+from rollout.weight_transfer import SyncSpec, WeightSync, push, sync_state
 from rollout.weights import export_hf_checkpoint
 
 PROMPTS = [[(7 * i + j) % 1000 + 3 for j in range(4 + i % 5)] for i in range(16)]
 GREEDY = SamplingConfig(n=1, temperature=0.0, max_tokens=12)
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "config.json")
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # _Holder runs in an actor; workers cannot import tests
 
 
 def perturbed_checkpoint(src: str, out, seed: int = 1, scale: float = 0.05):
@@ -24,6 +33,46 @@ def perturbed_checkpoint(src: str, out, seed: int = 1, scale: float = 0.05):
     return str(export_hf_checkpoint(model, out, tokenizer_dir=src, bucket_mb=1))
 
 
+class _Holder:
+    """The learner's side of a sync in a process of its own (Ray actor): a HF model, pushed like
+    `rl.learner.Learner.push_weights` pushes (`rollout.weight_transfer.push`)."""
+
+    def __init__(self, path: str):
+        self.path, self.model = path, load_hf_model(path, "float32")
+
+    def push_weights(self, spec, engines, version):
+        return push(sync_state(self.model), spec, engines, version)
+
+    def export_hf(self, out_dir, bucket_mb=512, version=None):
+        return str(export_hf_checkpoint(self.model, out_dir, self.path, bucket_mb))
+
+
+class _Learner:
+    """What `WeightSync` calls, in the driver (as `rl.learner.LearnerGroup` is)."""
+
+    def __init__(self, ray, path: str):
+        self.ray, self.actor = ray, ray.remote(num_cpus=0)(_Holder).remote(path)
+
+    def push_weights(self, spec, engines, version):
+        return self.ray.get(self.actor.push_weights.remote(spec, engines, version))
+
+    def export_hf(self, out_dir, bucket_mb=512, version=None):
+        return self.ray.get(self.actor.export_hf.remote(out_dir, bucket_mb, version))
+
+
+def weight_files(*roots) -> set[str]:
+    return {str(p) for root in roots for pat in WEIGHT_FILES for p in Path(root).rglob(pat)}
+
+
+def sync(ray, mgr: RolloutManager, weights: str, transport: str, sync_dir, version: int) -> WeightSync:
+    """Bring `mgr`'s engines to the checkpoint `weights` through `transport` (small buckets: several of them).
+    Keep the result: the learner stand-in owns the object-store buckets that restarted engines reload."""
+    spec = SyncSpec(transport, bucket_mb=1, dtype="float32")
+    ws = WeightSync(_Learner(ray, weights), mgr, spec, str(sync_dir))
+    ws.sync(version)
+    return ws
+
+
 def _greedy(actor_or_manager, ray):
     if isinstance(actor_or_manager, RolloutManager):
         return actor_or_manager.generate(PROMPTS[:6], GREEDY)[0]
@@ -32,8 +81,12 @@ def _greedy(actor_or_manager, ray):
 
 @pytest.mark.vllm
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,engine", [("tiny_dense", "vllm"), ("tiny_moe", "vllm"), ("tiny_moe", "reference")])
-def test_generate_sync_regenerate(ray_cluster, request, tmp_path, kind, engine):
+@pytest.mark.parametrize("kind,engine,transport", [
+    ("tiny_dense", "vllm", "checkpoint"), ("tiny_dense", "vllm", "object_store"),
+    ("tiny_moe", "vllm", "checkpoint"),  # vLLM MoE on CPU: the restart path only (rl.config refuses the rest)
+    ("tiny_moe", "reference", "checkpoint"), ("tiny_moe", "reference", "object_store"),
+])
+def test_generate_sync_regenerate(ray_cluster, request, tmp_path, kind, engine, transport):
     model_dir = request.getfixturevalue(kind)
     cfg = EngineConfig(model=model_dir, engine=engine, max_model_len=256, seed=0)
     mgr = RolloutManager(cfg, num_engines=2, chunk_prompts=3)
@@ -45,7 +98,10 @@ def test_generate_sync_regenerate(ray_cluster, request, tmp_path, kind, engine):
         before = _greedy(mgr, ray_cluster)
 
         new = perturbed_checkpoint(model_dir, tmp_path / "step1")
-        mgr.update_weights(new, version=1)
+        files = weight_files(tmp_path, "/dev/shm", tempfile.gettempdir() + "/ray")
+        sync(ray_cluster, mgr, new, transport, tmp_path / "weights_sync", version=1)
+        written = weight_files(tmp_path, "/dev/shm", tempfile.gettempdir() + "/ray") - files
+        assert bool(written) == (transport == "checkpoint"), written
         after = _greedy(mgr, ray_cluster)
         assert all(s.policy_version == 1 for s in after)
         assert [s.response_ids for s in after] != [s.response_ids for s in before], "generation did not change"
@@ -56,31 +112,53 @@ def test_generate_sync_regenerate(ray_cluster, request, tmp_path, kind, engine):
         assert [s.response_ids for s in after] == [s.response_ids for s in reference]
         diff = max(abs(a - b) for x, y in zip(after, reference) for a, b in zip(x.logprobs, y.logprobs))
         assert diff == 0.0 or diff < 1e-6, diff
-        # Greedy log-probs are processed (temperature 0 -> one kept token -> 0.0); compare sampled ones too.
+        # Greedy log-probs are processed (temperature 0 -> one kept token -> 0.0); compare sampled ones too,
+        # on both engines (each loaded every bucket).
         sp = SamplingConfig(n=2, temperature=1.0, max_tokens=6, seed=5)
         fresh = engine_actor(num_cpus=1).remote(EngineConfig(model=new, engine=engine, max_model_len=256, seed=0))
-        a = ray_cluster.get(mgr.engines[0].generate.remote(PROMPTS[:3], sp))
         b = ray_cluster.get(fresh.generate.remote(PROMPTS[:3], sp))
         ray_cluster.kill(fresh)
-        assert [s.response_ids for s in a] == [s.response_ids for s in b]
-        assert max(abs(x - y) for s, t in zip(a, b) for x, y in zip(s.logprobs, t.logprobs)) < 1e-6
+        for e in mgr.engines:
+            a = ray_cluster.get(e.generate.remote(PROMPTS[:3], sp))
+            assert [s.response_ids for s in a] == [s.response_ids for s in b]
+            assert max(abs(x - y) for s, t in zip(a, b) for x, y in zip(s.logprobs, t.logprobs)) < 1e-6
     finally:
         mgr.shutdown()
 
 
 @pytest.mark.slow
-def test_dead_engine_is_restarted_synced_and_nothing_is_lost(ray_cluster, tiny_dense, tmp_path):
+@pytest.mark.parametrize("transport", ["checkpoint", "object_store"])
+def test_dead_engine_is_restarted_synced_and_nothing_is_lost(ray_cluster, tiny_dense, tmp_path, transport):
     cfg = EngineConfig(model=tiny_dense, engine="reference", max_model_len=256, seed=0)
     mgr = RolloutManager(cfg, num_engines=2, chunk_prompts=4)
     try:
-        mgr.update_weights(perturbed_checkpoint(tiny_dense, tmp_path / "w"), version=3)
+        new = perturbed_checkpoint(tiny_dense, tmp_path / "w")
+        learner = sync(ray_cluster, mgr, new, transport, tmp_path / "weights_sync", version=3)  # noqa: F841  (alive)
         ray_cluster.kill(mgr.engines[1])  # dies before/while serving
         samples, stats = mgr.generate(PROMPTS, SamplingConfig(n=2, max_tokens=4, seed=0))
         assert len(samples) == 32 and stats.restarts >= 1 and stats.aborted_samples == 0
         assert all(s.policy_version == 3 for s in samples), "a restarted engine served stale weights"
         mgr.check_versions()
+        fresh = engine_actor(num_cpus=1).remote(EngineConfig(model=new, engine="reference", max_model_len=256, seed=0))
+        assert [s.response_ids for s in _greedy(mgr.engines[1], ray_cluster)] == \
+            [s.response_ids for s in _greedy(fresh, ray_cluster)], "the restarted engine has other weights"
+        ray_cluster.kill(fresh)
         mgr.version = 4  # the learner moved on without a sync
         with pytest.raises(StaleWeightsError, match=r"engines at the wrong policy version .*\(0, 3\), \(1, 3\)"):
             mgr.check_versions()
     finally:
         mgr.shutdown()
+
+
+def test_reference_engine_refuses_a_partial_or_foreign_sync(tiny_dense):
+    from rollout.reference_engine import ReferenceEngine
+
+    eng = ReferenceEngine(EngineConfig(model=tiny_dense, engine="reference"))
+    named = list(sync_state(load_hf_model(tiny_dense, "float32")).items())
+    with pytest.raises(ValueError, match="left 1 weights unloaded"):
+        eng.update_weights_from_tensors(named[:-1], version=1)
+    with pytest.raises(KeyError, match="no weight 'model.extra.weight'"):
+        eng.update_weights_from_tensors([*named, ("model.extra.weight", torch.zeros(1))], version=1)
+    assert eng.policy_version == 0
+    eng.update_weights_from_tensors(named, version=1)
+    assert eng.policy_version == 1
