@@ -52,6 +52,10 @@ def test_every_group_option_composes(group, option, tiny_dense):
         (["rollout.top_k=-1"], r"^rollout.top_k: must be >= 0"),
         (["rollout.gpu_memory_utilization=1.5"], r"^rollout.gpu_memory_utilization: must be in \(0, 1\]"),
         (["trainer.param_dtype=fp8"], r"^trainer.param_dtype: auto \| float32 \| bfloat16"),
+        (["trainer.save_every=-1"], r"^trainer.save_every: must be >= 0 \(0 = only at the end\)"),
+        (["trainer.keep_checkpoints=0"], r"^trainer.keep_checkpoints: must be >= 1"),
+        (["distill.specialists={math: /no/such/ckpt}"], r"^distill.specialists.math: '/no/such/ckpt' is neither 'rule', "
+                                                        r"'data:<source>' nor a HF checkpoint directory"),
         (["rollout=vllm"], r"^algo.keep_routing: vLLM on CPU \(rollout.engine_gpus=0\) cannot capture the routed experts.*"
                            r"use rollout=reference \(exact capture on CPU\) or algo.keep_routing=false"),
     ],
@@ -104,3 +108,54 @@ def test_corrections_decide_the_engine_captures(tiny_dense):
     assert components.captures(dense) == components.Captures(routing=False, sampling_mask=True)
     off = load_config(["rollout.top_p=0.9", "algo.keep_routing=false", "algo.keep_sampling_mask=false"], gpus=2)
     assert components.captures(off) == components.Captures(False, False)
+
+
+def _user_configs(root: Path) -> Path:
+    """A user's config folder outside the repo: a rewards option, a shadowed trainer default, a primary config."""
+    (root / "rewards").mkdir(parents=True)
+    (root / "rewards" / "mine.yaml").write_text("math: {correct: 1.0, format: 0.2}\nstring: {correct: {scorer: exact, weight: 1.0}}\n")
+    (root / "trainer").mkdir()
+    (root / "trainer" / "default.yaml").write_text("steps: 7\nlr: 2e-5\nrun_dir: runs/mine\n")
+    (root / "exp.yaml").write_text("defaults:\n  - config\n  - override rewards: mine\n  - _self_\nalgo:\n  kl_coef: 0.05\n")
+    return root
+
+
+def test_config_dir_is_searched_before_ours(tmp_path):
+    user = str(_user_configs(tmp_path / "my_configs"))
+    with pytest.raises(ConfigError, match=r"^config: .*rewards/mine"):  # not in configs/: needs --config-dir
+        load_config(["rewards=mine"])
+    cfg = load_config(["rewards=mine"], config_dir=user)
+    assert set(cfg.rewards["math"]) == {"correct", "format"}
+    assert (cfg.trainer.steps, cfg.trainer.lr) == (7, 2e-5)  # the user's trainer/default.yaml shadows ours
+    assert load_config([], config_dir=user).rollout.n == load_config([]).rollout.n  # the rest is ours
+    exp = load_config([], "exp", config_dir=user)  # a primary config of the user's, on top of ours
+    assert exp.algo.kl_coef == 0.05 and "format" in exp.rewards["math"]
+    with pytest.raises(ConfigError, match=r"^--config-dir: '/no/such/dir' is not a directory"):
+        load_config([], config_dir="/no/such/dir")
+
+
+def test_cfg_job_prints_the_config_and_help_lists_the_groups(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from rl import eval as rl_eval
+    from rl import train
+
+    user = str(_user_configs(tmp_path / "my_configs"))
+    run_dir = tmp_path / "run"
+    assert train.main(["--config-dir", user, "rewards=mine", f"trainer.run_dir={run_dir}", "--cfg", "job"]) == 0
+    printed = OmegaConf.create(capsys.readouterr().out)
+    assert printed.trainer.steps == 7 and printed.rewards.math.format == 0.2 and printed.rollout.engine != "auto"
+    assert not run_dir.exists()  # printing the config starts nothing
+    assert train.main(["--config-dir", user, "trainer.stepz=1", "--cfg", "job"]) == 2
+    assert "error: trainer.stepz: Key 'stepz' not in 'TrainerConfig'" in capsys.readouterr().err
+    assert rl_eval.main(["--config-dir", user, "--checkpoint", str(tmp_path), "--cfg", "job"]) == 2  # not a checkpoint
+
+    for main in (train.main, rl_eval.main):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--config-dir", user, "--help"])
+        assert exit_.value.code == 0
+        out = capsys.readouterr().out
+        assert "--config-dir" in out and "--cfg {job}" in out
+        groups = {line.split()[0]: line.split(None, 1)[1] for line in out.split("group=option):\n")[1].splitlines()}
+        assert groups["rewards"] == "agent, mine, synthetic" and "exp" in groups["--config-name"]
+        assert groups["algo"] == "dapo, grpo, grpo_v32" and groups["model"] == "local, tiny_dense, tiny_moe"
