@@ -24,11 +24,13 @@ from pathlib import Path
 from rollout.weights import recover_dir
 
 # Keys that may differ when a run resumes: how long it runs, how often it evaluates and saves, what it
-# logs, where it runs and on how much hardware. Everything else changes what is trained, so it is refused.
+# logs, where it runs, on how much hardware and how weights travel (every transport delivers the same
+# weights). Everything else changes what is trained, so it is refused.
 RESUMABLE = ("trainer.steps", "trainer.eval_every", "trainer.save_every", "trainer.keep_checkpoints",
              "trainer.allow_config_change", "trainer.run_dir", "trainer.learner_cpus", "trainer.learner_gpus",
-             "rollout.engine_cpus", "rollout.engine_gpus", "rollout.gpu_memory_utilization", "rollout.enforce_eager",
-             "data.num_proc", "logging.", "cluster.")
+             "trainer.learner_resources", "trainer.placement", "trainer.weight_sync", "trainer.sync_bucket_mb",
+             "rollout.engine_cpus", "rollout.engine_gpus", "rollout.engine_resources", "rollout.gpu_memory_utilization",
+             "rollout.enforce_eager", "data.num_proc", "logging.", "cluster.")
 KEEP_IN_PLACE = ("model_init", ".lock", "weights_sync", ".weights_sync")  # not an earlier run's results
 _STEP = re.compile(r"^step_(\d+)$")
 
