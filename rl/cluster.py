@@ -30,3 +30,51 @@ def ray_session(cluster):
         yield ray
     finally:
         ray.shutdown()
+
+
+def _sees(marker: str, token: str, node_id: str) -> bool:
+    """Runs on one node: does it read the driver's marker, and can it write one back next to it?"""
+    from pathlib import Path
+
+    p = Path(marker)
+    try:
+        if p.read_text() != token:
+            return False
+        p.with_name(f"{p.name}-{node_id}").write_text(token)
+        return True
+    except OSError:
+        return False
+
+
+def check_shared_dir(path: str, key: str) -> None:
+    """Fail unless every alive node of the cluster sees `path` as the driver does: the driver writes a marker
+    there, a task pinned to each node reads it and writes one of its own, the driver reads those back. A
+    node-local directory (or a relative path, which each node resolves against its own working directory)
+    fails with a ConfigError naming `key`."""
+    import secrets
+    from pathlib import Path
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from rl.config import ConfigError
+
+    root = Path(path).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(8)
+    marker = root / f".shared-check-{token}"
+    marker.write_text(token)
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    probe = ray.remote(num_cpus=0)(_sees)
+    try:
+        seen = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                       .remote(str(marker), token, n["NodeID"]) for n in nodes])
+        back = [(root / f"{marker.name}-{n['NodeID']}").is_file() for n in nodes]
+    finally:
+        for f in root.glob(f"{marker.name}*"):
+            f.unlink(missing_ok=True)
+    bad = [f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})" for n, a, b in zip(nodes, seen, back) if not (a and b)]
+    if bad:
+        raise ConfigError(f"{key}: '{root}' is not storage every node sees (nodes {bad} do not see the driver's "
+                          "files there); the run dir holds the model init, weight-sync checkpoints and checkpoints "
+                          "that every node reads: put it on a file system mounted at the same path on every node")

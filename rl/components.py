@@ -44,7 +44,8 @@ def engines(cfg: Config, model: str, want: Captures | None = None):
 
     r = cfg.rollout
     ecfg = engine_config(r, model, cfg.trainer.seed, captures(cfg, model) if want is None else want)
-    return RolloutManager(ecfg, r.num_engines, r.chunk_prompts, num_cpus=r.engine_cpus, num_gpus=r.engine_gpus or 0)
+    return RolloutManager(ecfg, r.num_engines, r.chunk_prompts, num_cpus=r.engine_cpus, num_gpus=r.engine_gpus or 0,
+                          resources=dict(r.engine_resources))
 
 
 def learner_config(cfg: Config, model: str, kl_coefs: dict[str, float]):
@@ -64,12 +65,56 @@ def learner_config(cfg: Config, model: str, kl_coefs: dict[str, float]):
 
 
 def learner(cfg: Config, model: str, kl_coefs: dict[str, float]):
-    """The learner ranks (Ray actors, FSDP2) for `model`."""
+    """The learner ranks (Ray actors, FSDP2, in a placement group) for `model`. On an attached cluster the run
+    dir must be storage every node sees (checked first: rl.cluster.check_shared_dir)."""
+    from rl.cluster import check_shared_dir
     from rl.learner import LearnerGroup
 
     t = cfg.trainer
+    if cfg.cluster.address is not None:
+        check_shared_dir(t.run_dir, "trainer.run_dir")
     return LearnerGroup(learner_config(cfg, model, kl_coefs), t.world_size, num_cpus=t.learner_cpus,
-                        num_gpus=t.learner_gpus or 0)
+                        num_gpus=t.learner_gpus or 0, resources=dict(t.learner_resources), placement=t.placement)
+
+
+def weight_sync(cfg: Config, learner, engines, run_dir: Path):
+    """The `trainer.weight_sync` transport from this learner to these engines (a `rollout.weight_transfer.
+    WeightSync`), built at the first sync and kept on the engines' manager; 'auto' is resolved from where the
+    actors landed (`weight_transport`) and the choice is printed."""
+    from rollout.weight_transfer import SyncSpec, WeightSync
+
+    if engines.weight_sync is None or engines.weight_sync.learner is not learner:
+        transport, why = weight_transport(cfg, learner, engines)
+        if cfg.trainer.weight_sync == "auto":
+            print(f"auto settings: trainer.weight_sync={transport} ({why})", flush=True)
+        spec = SyncSpec(transport, cfg.trainer.sync_bucket_mb, engines.cfg.dtype)
+        engines.weight_sync = WeightSync(learner, engines, spec, str(run_dir / "weights_sync"))
+    return engines.weight_sync
+
+
+def weight_transport(cfg: Config, learner, engines) -> tuple[str, str]:
+    """(transport, why) for `trainer.weight_sync`: a tensor transport wherever one works, the checkpoint
+    otherwise. GPU placement is asked of the actors (Ray node + GPU ids): IPC needs every engine on the
+    learner's rank-0 GPU, NCCL needs every engine on another GPU (NCCL refuses two ranks on one GPU)."""
+    import ray
+
+    r, t = cfg.rollout, cfg.trainer
+    if t.weight_sync != "auto":
+        return t.weight_sync, "configured"
+    moe = is_moe_checkpoint(engines.cfg.model)
+    if not r.engine_gpus:
+        if r.engine == "vllm" and moe:
+            return "checkpoint", "vLLM on CPU reloads MoE weights only by restarting from a checkpoint"
+        return "object_store", "engines on CPU"
+    if r.engine != "vllm" or not t.learner_gpus or r.tensor_parallel_size > 1:
+        return "checkpoint", "no tensor transport for this placement (GPU engines other than single-GPU vLLM, or a CPU learner)"
+    mine = learner.placement()
+    shared = [p == mine for p in ray.get([e.placement.remote() for e in engines.engines])]
+    if all(shared):
+        return "ipc", "engines on the learner's GPU"
+    if not any(shared):
+        return "nccl", "engines on other GPUs"
+    return "checkpoint", "some engines share the learner's GPU and some do not"
 
 
 def scoring_pool(cfg: Config):
@@ -110,8 +155,9 @@ def setup(cfg: Config, for_eval: bool = False) -> Setup:
     from rewards import parse_specs
     from rollout.tiny_models import build_tiny_model
 
-    run_dir = Path(cfg.trainer.run_dir)
-    model_path = cfg.model.path or str(run_dir / "model_init")
+    # Absolute: actors on other nodes do not share the driver's working directory.
+    run_dir = Path(cfg.trainer.run_dir).resolve()
+    model_path = str(Path(cfg.model.path).resolve()) if cfg.model.path else str(run_dir / "model_init")
     if cfg.model.tiny and not (Path(model_path) / "config.json").is_file():
         build_tiny_model(cfg.model.tiny, model_path, seed=cfg.model.seed, dsa_top_k=cfg.model.dsa_top_k,
                          **cfg.model.tiny_overrides)

@@ -64,6 +64,7 @@ class RolloutConfig:
     extra: dict = field(default_factory=dict)  # more vllm.LLM keyword arguments, passed as they are
     engine_cpus: float = 1.0
     engine_gpus: Optional[float] = None  # GPUs per engine actor; None: 1 on a GPU machine (0.5 with one GPU), else 0
+    engine_resources: dict = field(default_factory=dict)  # custom Ray resources per engine, e.g. {node_b: 0.1} (pins engines)
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,13 @@ class TrainerConfig:
     world_size: int = 1  # learner ranks (processes)
     learner_cpus: float = 1.0
     learner_gpus: Optional[float] = None  # GPUs per learner rank; None: 1 on a GPU machine (0.5 with one GPU), else 0
+    learner_resources: dict = field(default_factory=dict)  # custom Ray resources per rank, e.g. {node_a: 0.1} (pins ranks)
+    placement: str = "pack"  # learner ranks' placement group: pack (fewest nodes) | spread (most nodes)
+    # Learner -> engines after every step (rollout.weight_transfer): auto | nccl | ipc | object_store | checkpoint.
+    # auto: CUDA IPC when the engines share the learner's GPU, NCCL when they are on other GPUs or nodes, Ray's
+    # object store when they run on CPU, the checkpoint (a HF export in the run dir) where none of these works.
+    weight_sync: str = "auto"
+    sync_bucket_mb: int = 256  # weights travel in buckets of about this size (one gather + send each)
     mode: str = "sync"  # sync | async (rollouts for step k+1 run while step k trains)
     max_staleness: int = 1  # async: samples older than this many policy versions are dropped (counted)
     eval_every: int = 0  # 0 = only at the end
@@ -399,6 +407,7 @@ def validate(cfg: Config) -> None:
         _check(r.tensor_parallel_size <= max(r.engine_gpus, 1), "rollout.tensor_parallel_size",
                f"{r.tensor_parallel_size} needs as many GPUs per engine (rollout.engine_gpus={r.engine_gpus})")
     validate_captures(cfg)
+    validate_placement(cfg)
     _check(r.max_tokens >= 1 and r.num_engines >= 1, "rollout", "max_tokens and num_engines must be >= 1")
     _check((r.engine_gpus or 0) >= 0 and (t.learner_gpus or 0) >= 0, "rollout.engine_gpus", "GPU counts (and trainer.learner_gpus) must be >= 0")
     _check(t.steps >= 0 and t.lr > 0 and t.world_size >= 1 and t.micro_batch_size >= 1, "trainer",
@@ -447,6 +456,34 @@ def model_is_moe(cfg: Config) -> bool:
     from rollout.engine import is_moe_checkpoint
 
     return is_moe_checkpoint(cfg.model.path)
+
+
+def validate_placement(cfg: Config) -> None:
+    """Where the actors run and how weights reach the engines: a transport the config names must be able to
+    work there ('auto' is resolved from where the actors land, in rl.components.weight_sync)."""
+    from rollout.weight_transfer import TRANSPORTS
+
+    r, t = cfg.rollout, cfg.trainer
+    _check(t.placement in ("pack", "spread"), "trainer.placement", f"must be 'pack' or 'spread', got {t.placement!r}")
+    for key, res in (("trainer.learner_resources", t.learner_resources), ("rollout.engine_resources", r.engine_resources)):
+        for name, amount in res.items():
+            _check(isinstance(amount, (int, float)) and amount >= 0, f"{key}.{name}", f"must be a number >= 0, got {amount!r}")
+    _check(t.sync_bucket_mb >= 1, "trainer.sync_bucket_mb", f"must be >= 1, got {t.sync_bucket_mb}")
+    ws = t.weight_sync
+    _check(ws in TRANSPORTS, "trainer.weight_sync", f"unsupported {ws!r}. Supported: {list(TRANSPORTS)}")
+    engine_on_gpu = None if r.engine_gpus is None else r.engine_gpus > 0
+    if ws in ("ipc", "nccl"):
+        _check(r.engine == "vllm", "trainer.weight_sync", f"{ws} loads into vLLM engines only (rollout.engine={r.engine!r}): "
+               "use object_store or checkpoint")
+        _check(engine_on_gpu is not False and t.learner_gpus != 0, "trainer.weight_sync",
+               f"{ws} needs the learner and the engines on GPUs (trainer.learner_gpus, rollout.engine_gpus): use object_store")
+        _check(r.tensor_parallel_size == 1, "trainer.weight_sync", f"{ws} does not cover tensor-parallel engines "
+               f"(rollout.tensor_parallel_size={r.tensor_parallel_size}): use checkpoint")
+    if ws == "object_store" and r.engine == "vllm":
+        _check(engine_on_gpu is not True, "trainer.weight_sync", "object_store feeds vLLM's in-process CPU engine only; "
+               "vLLM on GPU takes ipc or nccl")
+        _check(not model_is_moe(cfg), "trainer.weight_sync", "vLLM on CPU reloads MoE weights only by restarting from a "
+               "checkpoint (its in-place reload corrupts the fused experts): use checkpoint (or auto)")
 
 
 def validate_captures(cfg: Config) -> None:

@@ -66,21 +66,17 @@ class LearnerConfig:
     dsa_loss_coef: float = 1.0
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Learner:
-    def __init__(self, cfg: LearnerConfig, rank: int = 0, world_size: int = 1, master_port: int | None = None):
+    def __init__(self, cfg: LearnerConfig, rank: int = 0, world_size: int = 1, master_port: int | None = None,
+                 master_addr: str | None = None):
+        from rollout.weight_transfer import free_port
+
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        self._sync_cache: dict = {}  # a weight-sync transport's state between syncs (the NCCL group)
         if not dist.is_initialized():
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ["MASTER_PORT"] = str(master_port or _free_port())
+            os.environ["MASTER_ADDR"] = master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
+            os.environ["MASTER_PORT"] = str(master_port or free_port("127.0.0.1"))
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, rank=rank, world_size=world_size,
                                     timeout=datetime.timedelta(seconds=cfg.collective_timeout_s))
@@ -341,6 +337,22 @@ class Learner:
 
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
+    def push_weights(self, spec, engines: list, version: int):
+        """Stream the weights to `engines` (Ray actor handles) through `spec.transport`
+        (`rollout.weight_transfer.push`): every rank gathers one tensor at a time, rank 0 sends. Returns rank 0's
+        `Pushed` (None on the other ranks); every rank must call."""
+        from rollout.weight_transfer import push, sync_state
+
+        out = push(sync_state(self.model), spec, engines, version, send=self.rank == 0, cache=self._sync_cache)
+        self.policy_version = version
+        return out
+
+    def placement(self) -> tuple[str, tuple[str, ...]]:
+        """(Ray node id, GPU ids) of this rank (inside a Ray actor)."""
+        from rollout.weight_transfer import placement
+
+        return placement()
+
     def export_hf(self, out_dir: str, bucket_mb: int = 512, version: int | None = None) -> str | None:
         """Write the current weights as a HF checkpoint (rank 0 writes; every rank must call)."""
         from rollout.weights import export_hf_checkpoint
@@ -462,25 +474,55 @@ def plan_step(samples: list[Sample], world_size: int = 1, micro_batch_size: int 
     return StepPlan(totals, math.ceil(math.ceil(len(samples) / world_size) / micro_batch_size))
 
 
+def _rendezvous() -> tuple[str, int]:
+    """Runs in rank 0's placement-group bundle, i.e. on rank 0's node: that node's address and a free port."""
+    import ray
+
+    from rollout.weight_transfer import free_port
+
+    return ray.util.get_node_ip_address(), free_port()
+
+
 class LearnerGroup:
-    """`world_size` Learner ranks as Ray actors (one process each), driven as one."""
+    """`world_size` Learner ranks as Ray actors (one process each), driven as one. The ranks live in a
+    placement group (`placement`: 'pack' keeps them on as few nodes as possible, 'spread' on as many), each
+    bundle `num_cpus` + `num_gpus` + the custom `resources` (which pin ranks to nodes offering them); the
+    process group meets at rank 0's node, on a port free there."""
 
-    def __init__(self, cfg: LearnerConfig, world_size: int = 1, num_cpus: float = 1, num_gpus: float = 0):
+    def __init__(self, cfg: LearnerConfig, world_size: int = 1, num_cpus: float = 1, num_gpus: float = 0,
+                 resources: dict | None = None, placement: str = "pack"):
+        import threading
+
         import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        port = _free_port()
-        cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(Learner)
+        resources = dict(resources or {})
+        bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {}), **resources}
+        self.pg = placement_group([bundle] * world_size, strategy=placement.upper())
         self.world_size, self.micro_batch_size = world_size, cfg.micro_batch_size
-        self.actors = [cls.remote(cfg, r, world_size, port) for r in range(world_size)]
-        ray.get([a.__ray_ready__.remote() for a in self.actors])
+        self._submit = threading.Lock()  # calls from two threads reach every rank in the same order
+        self.actors = []
+        try:
+            ray.get(self.pg.ready())
+            at = [PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r) for r in range(world_size)]
+            addr, port = ray.get(ray.remote(num_cpus=0)(_rendezvous).options(scheduling_strategy=at[0]).remote())
+            cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources)(Learner)
+            self.actors = [cls.options(scheduling_strategy=at[r]).remote(cfg, r, world_size, port, addr)
+                           for r in range(world_size)]
+            ray.get([a.__ray_ready__.remote() for a in self.actors])
+        except BaseException:
+            self._release()
+            raise
 
     def _all(self, method: str, *args_per_rank, timeout: float | None = None):
         """Call `method` on every rank; the first rank that dies or raises fails the call at once, naming
         the rank (the survivors would otherwise wait in a collective)."""
         import ray
 
-        refs = [getattr(a, method).remote(*(x[r] if isinstance(x, _PerRank) else x for x in args_per_rank))
-                for r, a in enumerate(self.actors)]
+        with self._submit:
+            refs = [getattr(a, method).remote(*(x[r] if isinstance(x, _PerRank) else x for x in args_per_rank))
+                    for r, a in enumerate(self.actors)]
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1, timeout=timeout)
@@ -515,6 +557,16 @@ class LearnerGroup:
     def export_hf(self, out_dir: str, bucket_mb: int = 512, version: int | None = None) -> str:
         return self._all("export_hf", out_dir, bucket_mb, version)[0]
 
+    def push_weights(self, spec, engines: list, version: int):
+        """The weights to `engines` without the file system (`Learner.push_weights`); rank 0's `Pushed`."""
+        return self._all("push_weights", spec, engines, version)[0]
+
+    def placement(self) -> tuple[str, tuple[str, ...]]:
+        """Rank 0's (node id, GPU ids): where the weights leave from."""
+        import ray
+
+        return ray.get(self.actors[0].placement.remote())
+
     def save_checkpoint(self, ckpt_dir: str, extra: dict | None = None) -> None:
         self._all("save_checkpoint", ckpt_dir, extra)
 
@@ -522,13 +574,18 @@ class LearnerGroup:
         return self._all("load_checkpoint", ckpt_dir)[0]
 
     def shutdown(self) -> None:
-        import ray
-
         try:
             self._all("shutdown", timeout=30)
         finally:
-            for a in self.actors:
-                ray.kill(a)
+            self._release()
+
+    def _release(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for a in self.actors:
+            ray.kill(a)
+        remove_placement_group(self.pg)
 
 
 class LearnerFailure(RuntimeError):

@@ -15,7 +15,6 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 from rl import components, pipeline, rundir
 from rl.eval import evaluate_setup as evaluate
@@ -85,10 +84,11 @@ class Prefetcher:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def sync_weights(learner, engines, run_dir: Path, version: int) -> float:
-    """Learner weights -> checkpoint in the run dir -> every engine; versions are checked (StaleWeightsError)."""
+def sync_weights(s: Setup, learner, engines, version: int) -> float:
+    """Learner weights -> every engine through `trainer.weight_sync` (rl.components.weight_sync: tensors over
+    NCCL, CUDA IPC or Ray's object store, or a checkpoint in the run dir); versions are checked (StaleWeightsError)."""
     t0 = time.time()
-    engines.update_weights(learner.export_hf(str(run_dir / "weights_sync"), version=version), version)
+    components.weight_sync(s.cfg, learner, engines, s.dir).sync(version)
     return time.time() - t0
 
 
@@ -143,7 +143,7 @@ def start(s: Setup, learner, engines, resume: bool, demos: dict):
         tracker.log(0, {"_kind": "distill", **distill(s.cfg, s.tok, s.specs, s.pool, s.agent, s.train_prompts, learner, demos)})
         save(s, learner, 0, None)  # a crash during RL resumes after the SFT instead of redoing it
     if resume or s.cfg.distill.enabled:
-        sync_weights(learner, engines, s.dir, state["step"])
+        sync_weights(s, learner, engines, state["step"])
     if not resume and s.cfg.trainer.steps:  # with steps=0 (an SFT job) the final evaluation is the only one
         tracker.log(0, {"_kind": "eval", **evaluate(s, engines)})
     return state["step"], tracker, stream
@@ -160,7 +160,7 @@ def _loop(s: Setup, resume: bool, demos: dict):
         for step in range(first, steps):
             batch = prefetch.take(step)
             row = {**batch.metrics, **train(learner, batch, step, cfg)}
-            row["time/sync"] = sync_weights(learner, engines, s.dir, version=step + 1)
+            row["time/sync"] = sync_weights(s, learner, engines, version=step + 1)
             prefetch.weights_synced(step)
             nonfinite = check_budgets(batch, row, cfg, nonfinite)
             row["time/step"], t_last = time.time() - t_last, time.time()  # wall between rows (async overlap shows)

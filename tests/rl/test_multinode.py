@@ -1,0 +1,204 @@
+"""Two Ray nodes on this machine (`ray.cluster_utils.Cluster`, custom resources node_a / node_b) and the driver
+attached to them (`cluster.address`): the learner pinned to node_a, the reference engine to node_b, two GRPO
+steps through `rl.train.main`. The engine ends holding the learner's weights (it samples exactly like a fresh
+engine loaded from them) and no weight file is written for the sync; a run dir that a node cannot see is
+refused, naming `trainer.run_dir`.
+
+The driver runs in a subprocess (as `python -m rl.train` does) whose `sync_weights`, `export_hf` and
+`update_weights` are wrapped to record what happened; the records come back as JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN = ["--config-name", "quickstart", "distill.enabled=false", "trainer.steps=2", "data.prompts_per_step=4",
+       "rollout.n=4", "rollout.max_tokens=16", "eval.max_prompts=4", "eval.k=2", "trainer.micro_batch_size=16",
+       "trainer.eval_every=0", "trainer.save_every=0", "logging.wandb=false", "logging.plots=false",
+       "logging.progress=false", "rollout.engine_resources={node_b: 0.1}", "trainer.learner_resources={node_a: 0.1}"]
+
+DRIVER = r'''
+import json, sys
+from dataclasses import replace
+import ray
+from rl import train
+from rl.learner import LearnerGroup
+from rollout.engine import SamplingConfig, engine_actor
+from rollout.manager import RolloutManager
+
+out, check_dir = sys.argv[1], sys.argv[2]
+rec = {"exports": [], "checkpoint_loads": 0, "syncs": []}
+export, load, sync = LearnerGroup.export_hf, RolloutManager.update_weights, train.sync_weights
+
+def exported(self, out_dir, *a, **k):
+    rec["exports"].append(out_dir)
+    return export(self, out_dir, *a, **k)
+
+def loaded(self, *a, **k):
+    rec["checkpoint_loads"] += 1
+    return load(self, *a, **k)
+
+def nodes_of(*actors):
+    return [ray.get(a.placement.remote())[0] for a in actors]
+
+def synced(s, learner, engines, version):
+    t = sync(s, learner, engines, version)
+    rec["syncs"].append(version)
+    if version == s.cfg.trainer.steps:  # the engines now hold the learner's final weights: compare
+        fresh = engine_actor(num_cpus=1, resources={"node_b": 0.1}).remote(
+            replace(engines.cfg, model=learner.export_hf(check_dir)))
+        prompts = [[5 + i, 17, 33 + 2 * i, 9] for i in range(4)]
+        runs = {}
+        for name, sp in (("greedy", SamplingConfig(n=1, temperature=0.0, max_tokens=12)),
+                         ("sampled", SamplingConfig(n=2, temperature=1.0, max_tokens=12, seed=3))):
+            runs[name] = [[(x.response_ids, x.logprobs) for x in ray.get(a.generate.remote(prompts, sp))]
+                          for a in (engines.engines[0], fresh)]
+        rec.update(runs=runs, engine_version=ray.get(engines.engines[0].ping.remote()),
+                   transport=engines.weight_sync.transport, learner_node=ray.get(learner.actors[0].placement.remote())[0],
+                   engine_nodes=nodes_of(*engines.engines, fresh),
+                   node_of={k: n["NodeID"] for n in ray.nodes() for k in ("node_a", "node_b") if k in n["Resources"]})
+        ray.kill(fresh)
+    return t
+
+LearnerGroup.export_hf, RolloutManager.update_weights, train.sync_weights = exported, loaded, synced
+code = train.main(sys.argv[3:])
+rec["code"] = code
+json.dump(rec, open(out, "w"))
+sys.exit(code)
+'''
+
+SHARDED = r'''
+import json, sys
+import ray
+from rl.cluster import ray_session
+from rl.config import ClusterConfig
+from rl.learner import LearnerConfig, LearnerGroup
+from rollout.engine import EngineConfig, SamplingConfig, engine_actor
+from rollout.manager import RolloutManager
+from rollout.weight_transfer import SyncSpec, WeightSync
+
+address, learner_model, engine_model, check_dir, out = sys.argv[1:6]
+with ray_session(ClusterConfig(address=address)):
+    group = LearnerGroup(LearnerConfig(model=learner_model), world_size=2, num_cpus=0.5, placement="spread")
+    mgr = RolloutManager(EngineConfig(model=engine_model, engine="reference", max_model_len=256), num_cpus=0.5,
+                         resources={"node_b": 0.1})
+    WeightSync(group, mgr, SyncSpec("object_store", bucket_mb=1), check_dir + "-unused").sync(1)
+    fresh = engine_actor(num_cpus=0.5, resources={"node_b": 0.1}).remote(
+        EngineConfig(model=group.export_hf(check_dir), engine="reference", max_model_len=256))
+    prompts, sp = [[5 + i, 17, 33 + 2 * i, 9] for i in range(4)], SamplingConfig(n=2, temperature=1.0, max_tokens=12, seed=3)
+    runs = [[(x.response_ids, x.logprobs) for x in ray.get(a.generate.remote(prompts, sp))] for a in (mgr.engines[0], fresh)]
+    ranks = [ray.get(a.placement.remote())[0] for a in group.actors]
+    json.dump({"runs": runs, "rank_nodes": ranks, "version": mgr.version}, open(out, "w"))
+    group.shutdown()
+'''
+
+UNSHARED = r'''
+import sys
+import ray
+from rl import cluster
+from rl.config import ConfigError
+
+ray.init(address=sys.argv[1], log_to_driver=False)
+hidden = next(n["NodeID"] for n in ray.nodes() if "node_b" in n["Resources"])
+shown = next(n["NodeID"] for n in ray.nodes() if "node_a" in n["Resources"])
+# Stands in for a node-local disk: node_b reads nothing the driver writes (pickled by value: defined here).
+real = cluster._sees
+cluster._sees = lambda marker, token, node_id: node_id != hidden and real(marker, token, node_id)
+try:
+    cluster.check_shared_dir(sys.argv[2], "trainer.run_dir")
+except ConfigError as exc:
+    print(str(exc))
+    print(hidden[:8], shown[:8])
+    sys.exit(0)
+sys.exit(3)
+'''
+
+
+def _env() -> dict:
+    # The test cluster runs without token authentication (ray_session asks for it when attaching).
+    return {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"node_a": 1}, "include_dashboard": False})
+    c.add_node(num_cpus=2, resources={"node_b": 1})
+    c.wait_for_nodes()
+    yield c
+    c.shutdown()
+
+
+def _weight_files(*roots) -> set[str]:
+    return {str(p) for r in roots if Path(r).is_dir() for pat in ("*.safetensors", "*.bin", "*.pt") for p in Path(r).rglob(pat)}
+
+
+@pytest.mark.slow
+def test_two_grpo_steps_learner_on_a_engine_on_b_tensor_sync(two_nodes, tmp_path):
+    run, out, check = tmp_path / "run", tmp_path / "record.json", tmp_path / "check"
+    elsewhere = ("/dev/shm", tempfile.gettempdir() + "/ray")
+    before = _weight_files(*elsewhere)
+    res = subprocess.run([sys.executable, "-c", DRIVER, str(out), str(check), *RUN, f"trainer.run_dir={run}",
+                          f"cluster.address={two_nodes.address}"], cwd=ROOT, env=_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rec = json.loads(out.read_text())
+    assert "trainer.weight_sync=object_store" in res.stdout  # auto, engines on CPU
+    assert rec["transport"] == "object_store" and rec["syncs"] == [1, 2] and rec["engine_version"] == 2
+
+    # Placement: the learner on node_a, the engines (and the fresh one) on node_b.
+    assert rec["learner_node"] == rec["node_of"]["node_a"]
+    assert set(rec["engine_nodes"]) == {rec["node_of"]["node_b"]}
+
+    # The synced engine is the learner: same tokens and log-probs as a fresh engine loaded from its weights.
+    for name, (synced, fresh) in rec["runs"].items():
+        assert [t for t, _ in synced] == [t for t, _ in fresh], name
+        assert max(abs(a - b) for (_, x), (_, y) in zip(synced, fresh) for a, b in zip(x, y)) < 1e-6, name
+
+    # No weight file for the sync: the learner exported only the final model (and our check), no engine loaded a
+    # checkpoint, and nothing appeared in the run dir's sync folder, /dev/shm or Ray's temp dir.
+    assert rec["checkpoint_loads"] == 0
+    assert sorted(rec["exports"]) == sorted([str(check), str(run.resolve() / "final_model")])
+    assert not (run / "weights_sync").exists()
+    assert _weight_files(*elsewhere) - before == set()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
+    assert all(r["train/mismatch_kl"] < 1e-6 for r in rows if "train/loss" in r)  # engine == learner at every step
+
+
+@pytest.mark.slow
+def test_sharded_learner_spread_over_both_nodes_streams_its_weights(two_nodes, tiny_moe, tmp_path):
+    """World size 2 (FSDP2 over gloo) with trainer.placement=spread: one rank per node, the process group at rank
+    0's node; the engine starts from other weights and ends equal to a fresh engine loaded from the learner's.
+    Buckets of 1 MB: several gathers and sends, per tensor (fused experts included)."""
+    from rollout.tiny_models import build_tiny_model
+
+    other = build_tiny_model("moe", tmp_path / "other", seed=1)
+    out = tmp_path / "record.json"
+    res = subprocess.run([sys.executable, "-c", SHARDED, two_nodes.address, tiny_moe, str(other), str(tmp_path / "check"),
+                          str(out)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rec = json.loads(out.read_text())
+    assert len(set(rec["rank_nodes"])) == 2 and rec["version"] == 1
+    synced, fresh = rec["runs"]
+    assert [t for t, _ in synced] == [t for t, _ in fresh]
+    assert max(abs(a - b) for (_, x), (_, y) in zip(synced, fresh) for a, b in zip(x, y)) < 1e-6
+
+
+def test_a_run_dir_one_node_cannot_see_is_refused(two_nodes, tmp_path):
+    res = subprocess.run([sys.executable, "-c", UNSHARED, two_nodes.address, str(tmp_path / "run")], cwd=ROOT,
+                         env=_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    message, nodes = res.stdout.strip().splitlines()[-2:]
+    hidden, seeing = nodes.split()
+    assert message.startswith(f"trainer.run_dir: '{tmp_path / 'run'}' is not storage every node sees")
+    assert hidden in message and seeing not in message  # only node_b is named
+    assert list((tmp_path / "run").iterdir()) == []  # the markers are cleaned up
