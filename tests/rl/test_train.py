@@ -26,7 +26,7 @@ def _train(run_dir, *overrides, config="quickstart"):
 @pytest.mark.slow
 def test_quickstart_pipeline_runs_and_resumes(tmp_path):
     run = tmp_path / "run"
-    res, rows = _train(run, "trainer.steps=2")
+    res, rows = _train(run, "trainer.steps=2", "trainer.save_every=1", "trainer.keep_checkpoints=2")
     steps = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
     for key in ("reward/math/total", "reward/math/correct", "reward/math/language", "reward/string/total",
@@ -42,10 +42,18 @@ def test_quickstart_pipeline_runs_and_resumes(tmp_path):
     assert (run / "wandb").is_dir() and (run / "checkpoints/latest/COMPLETE").is_file()
     assert (run / "final_model/config.json").is_file()
     assert "eval/math/greedy_acc" in res.stdout  # the end-of-run summary table
+    assert "distill (SFT): 100%" in res.stderr and "eval: 100%" in res.stderr  # progress bars (stderr, not a tty)
 
-    # Resume: the checkpoint says step 2; asking for 3 steps trains exactly one more.
-    res, rows = _train(run, "trainer.steps=3")
+    # Resume: the checkpoint says step 2; asking for 3 steps trains exactly one more (a longer run is not
+    # a changed config: config.yaml records it).
+    res, rows = _train(run, "trainer.steps=3", "trainer.save_every=1", "trainer.keep_checkpoints=2")
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_000002", "step_000003"]
+    assert (ckpts / "latest").resolve() == (ckpts / "step_000003").resolve() and "steps: 3" in (run / "config.yaml").read_text()
+    shown = [json.loads(l) for l in (run / "completions.jsonl").read_text().splitlines()]
+    assert {c["step"] for c in shown} == {0, 2, 3} and all(c["prompt"] and "reward" in c for c in shown)
+    assert list(run.glob("wandb/*run-*/files/media/table/eval/completions_*.table.json"))  # the W&B table
 
     # `python -m rl.eval` evaluates the exported checkpoint with the same scorers.
     res = subprocess.run([sys.executable, "-m", "rl.eval", "--checkpoint", str(run / "final_model"), "--config-name",
@@ -84,3 +92,27 @@ def test_quickstart_with_dsa(tmp_path):
     # The indexer's top-k can flip on near-ties between the KV-cached engine and the full-sequence learner
     # (3.8e-4 measured after SFT; DSA's analogue of MoE routing mismatch, no "keep selection" replay here).
     assert steps[0]["train/mismatch_kl"] < 1e-2
+
+
+@pytest.mark.slow
+def test_sft_job_from_demonstrations(tmp_path):
+    """A plain SFT job: the user's (prompt, response) file, the distillation stage alone (trainer.steps=0),
+    then the final eval, checkpoint and export; the rerun resumes instead of training again."""
+    from rl.synthetic import solve
+
+    rows = [json.loads(l) for l in (ROOT / "examples/data/synthetic/train.jsonl").read_text().splitlines()]
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": solve(r)}) + "\n"
+                             for r in rows if r["domain"] == "math"))
+    run = tmp_path / "run"
+    args = ("trainer.steps=0", f"distill.specialists.math=data:{demos}", "~distill.specialists.string",
+            "distill.response_key=completion", "distill.epochs=1", "logging.wandb=false")
+    res, got = _train(run, *args)
+    distilled = [r for r in got if r.get("_kind") == "distill"]
+    assert len(distilled) == 1 and distilled[0]["distill/examples"] == sum(r["domain"] == "math" for r in rows)
+    assert distilled[0]["distill/math/kept_frac"] == 1.0  # demonstrations are not filtered
+    assert distilled[0]["distill/nll_last"] < distilled[0]["distill/nll_first"]
+    assert [r["step"] for r in got if r.get("_kind") == "eval"] == [0] and not any("train/loss" in r for r in got)
+    assert (run / "checkpoints/latest/COMPLETE").is_file() and (run / "final_model/config.json").is_file()
+    res, got = _train(run, *args)  # the same command again: resumes from the checkpoint, no second SFT
+    assert len([r for r in got if r.get("_kind") == "distill"]) == 1
