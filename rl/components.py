@@ -93,23 +93,30 @@ def weight_sync(cfg: Config, learner, engines, run_dir: Path):
 
 
 def weight_transport(cfg: Config, learner, engines) -> tuple[str, str]:
-    """(transport, why) for `trainer.weight_sync`: a tensor transport wherever one works, the checkpoint
-    otherwise. GPU placement is asked of the actors (Ray node + GPU ids): IPC needs every engine on the
-    learner's rank-0 GPU, NCCL needs every engine on another GPU (NCCL refuses two ranks on one GPU)."""
+    """(transport, why) for `trainer.weight_sync` between this learner and these engines (`choose_transport`)."""
     import ray
 
+    def where():
+        return learner.placement(), ray.get([e.placement.remote() for e in engines.engines])
+
+    return choose_transport(cfg, is_moe_checkpoint(engines.cfg.model), where)
+
+
+def choose_transport(cfg: Config, moe: bool, where) -> tuple[str, str]:
+    """'auto' -> a tensor transport wherever one works, the checkpoint otherwise. `where()` gives the learner
+    rank 0's and each engine's (Ray node id, GPU ids), asked only for GPU engines: IPC needs every engine on
+    the learner's GPU, NCCL needs every engine on another GPU (NCCL refuses two ranks on one GPU)."""
     r, t = cfg.rollout, cfg.trainer
     if t.weight_sync != "auto":
         return t.weight_sync, "configured"
-    moe = is_moe_checkpoint(engines.cfg.model)
     if not r.engine_gpus:
         if r.engine == "vllm" and moe:
             return "checkpoint", "vLLM on CPU reloads MoE weights only by restarting from a checkpoint"
         return "object_store", "engines on CPU"
     if r.engine != "vllm" or not t.learner_gpus or r.tensor_parallel_size > 1:
         return "checkpoint", "no tensor transport for this placement (GPU engines other than single-GPU vLLM, or a CPU learner)"
-    mine = learner.placement()
-    shared = [p == mine for p in ray.get([e.placement.remote() for e in engines.engines])]
+    mine, theirs = where()
+    shared = [p == mine for p in theirs]
     if all(shared):
         return "ipc", "engines on the learner's GPU"
     if not any(shared):

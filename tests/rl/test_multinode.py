@@ -202,3 +202,44 @@ def test_a_run_dir_one_node_cannot_see_is_refused(two_nodes, tmp_path):
     assert message.startswith(f"trainer.run_dir: '{tmp_path / 'run'}' is not storage every node sees")
     assert hidden in message and seeing not in message  # only node_b is named
     assert list((tmp_path / "run").iterdir()) == []  # the markers are cleaned up
+
+
+# ------------------------------------------------------------------------- placement and weight-sync config
+@pytest.mark.parametrize("overrides,message", [
+    (["trainer.weight_sync=gloo"], r"^trainer.weight_sync: unsupported 'gloo'. Supported: \['auto', 'nccl', 'ipc', "
+                                   r"'object_store', 'checkpoint'\]"),
+    (["trainer.weight_sync=nccl"], r"^trainer.weight_sync: nccl loads into vLLM engines only \(rollout.engine='reference'\)"),
+    (["rollout=vllm", "model=tiny_dense", "trainer.weight_sync=ipc"], r"^trainer.weight_sync: ipc needs the learner and "
+                                                                       r"the engines on GPUs"),
+    (["rollout=vllm", "algo.keep_routing=false", "trainer.weight_sync=object_store"],
+     r"^trainer.weight_sync: vLLM on CPU reloads MoE weights only by restarting from a checkpoint"),
+    (["trainer.placement=strict_pack"], r"^trainer.placement: must be 'pack' or 'spread', got 'strict_pack'"),
+    (["rollout.engine_resources={node_b: -1}"], r"^rollout.engine_resources.node_b: must be a number >= 0, got -1"),
+    (["trainer.sync_bucket_mb=0"], r"^trainer.sync_bucket_mb: must be >= 1, got 0"),
+])
+def test_placement_and_weight_sync_that_cannot_work_are_refused(overrides, message):
+    from rl.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides, gpus=0)
+
+
+A, B = ("node1", ("0",)), ("node1", ("1",))  # (Ray node, GPU ids): two GPUs of one node
+
+
+@pytest.mark.parametrize("overrides,gpus,moe,places,expected", [
+    ([], 0, True, None, "object_store"),  # the reference engine on CPU
+    (["rollout=vllm", "model=tiny_dense"], 0, False, None, "object_store"),  # vLLM dense on CPU: in-place reload
+    (["rollout=vllm", "algo.keep_routing=false"], 0, True, None, "checkpoint"),  # vLLM MoE on CPU: restart path
+    ([], 2, True, (A, [B, B]), "nccl"),  # engines on their own GPUs
+    ([], 1, True, (A, [A]), "ipc"),  # one GPU, shared
+    ([], 2, True, (A, [A, B]), "checkpoint"),  # NCCL cannot reach the engine on the learner's GPU
+    (["rollout.tensor_parallel_size=2", "rollout.engine_gpus=2"], 4, True, None, "checkpoint"),
+    (["trainer.weight_sync=checkpoint"], 2, True, None, "checkpoint"),  # the user's word
+])
+def test_auto_weight_sync_follows_the_placement(overrides, gpus, moe, places, expected):
+    from rl.components import choose_transport
+    from rl.config import load_config
+
+    cfg = load_config(overrides, gpus=gpus)
+    assert choose_transport(cfg, moe, lambda: places)[0] == expected
