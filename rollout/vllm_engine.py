@@ -207,15 +207,17 @@ class VLLMEngine:
 
 
 def _mask_source(cfg: EngineConfig) -> str:
-    """Where kept sets come from: 'native' (vLLM >= 0.28 on GPU), 'sampler' (recorded where vLLM < 0.28
-    samples on GPU, rollout.vllm_kept), or 'logprobs' (the support of full-vocabulary processed
-    log-probs: vLLM on CPU, small vocabularies only; rl.config refuses it above CPU_MASK_MAX_VOCAB)."""
+    """Where kept sets come from: 'sampler' (recorded where vLLM's V1 runner samples, rollout.vllm_kept:
+    the GPU default, verified with vLLM 0.26), 'logprobs' (the support of full-vocabulary processed
+    log-probs: vLLM on CPU, small vocabularies only; rl.config refuses it above CPU_MASK_MAX_VOCAB), or
+    'native' (vLLM >= 0.28's `return_sampling_mask`, opt-in with `rollout.extra.sampling_mask_source=native`:
+    it needs the V2 runner and top-k > 0, while routed-expert capture needs the V1 runner)."""
     forced = cfg.extra.get("sampling_mask_source")
     if forced:
+        if forced == "native" and not _has_native_sampling_mask():
+            raise ValueError("rollout.extra.sampling_mask_source=native needs vLLM >= 0.28")
         return forced
-    if _is_cpu():
-        return "logprobs"
-    return "native" if _has_native_sampling_mask() else "sampler"
+    return "logprobs" if _is_cpu() else "sampler"
 
 
 def _has_native_sampling_mask() -> bool:

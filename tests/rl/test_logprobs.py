@@ -117,3 +117,19 @@ def test_bf16_inputs_give_bf16_grads_close_to_fp32():
     ref.sum().backward()
     torch.testing.assert_close(out, ref, rtol=0, atol=0.1)
     torch.testing.assert_close(wb.grad.float(), w.grad, rtol=0.05, atol=0.05)
+
+
+def test_empty_kept_row_and_token_outside_its_set_are_finite_in_gradients():
+    """An all-padding kept row and a sampled token outside its set (both rejected upstream by
+    Sample.validate) give log-prob -inf and a zero, finite gradient, never NaN."""
+    hidden, w, ids = _inputs(1, 3, 8, 12, seed=7)
+    kept = torch.full((1, 3, 4), -1)
+    kept[0, 0, :2] = torch.tensor([ids[0, 0], 3])  # a normal row
+    kept[0, 2, :1] = (ids[0, 2] + 1) % 12  # the token is not in its set; row 1 stays all padding
+    out, ent, mass = token_logprobs(hidden, w, ids, 2, kept_ids=kept, return_stats=True)
+    assert torch.isfinite(out[0, 0]) and out[0, 1] == float("-inf") and out[0, 2] == float("-inf")
+    assert not torch.isnan(ent).any() and not torch.isnan(mass).any()
+    loss = torch.where(torch.isfinite(out), out, torch.zeros_like(out)).sum()
+    gh, gw = torch.autograd.grad(loss, (hidden, w))
+    assert torch.isfinite(gh).all() and torch.isfinite(gw).all()
+    assert gh[0, 1].abs().sum() == 0 and gh[0, 2].abs().sum() == 0
