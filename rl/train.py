@@ -141,7 +141,8 @@ def start(s: Setup, learner, engines, resume: bool, demos: dict):
         stream.restore(state["data_position"])
     if s.cfg.distill.enabled and not resume:
         tracker.log(0, {"_kind": "distill", **distill(s.cfg, s.tok, s.specs, s.pool, s.agent, s.train_prompts, learner, demos)})
-        save(s, learner, 0, None)  # a crash during RL resumes after the SFT instead of redoing it
+        if s.cfg.trainer.steps:  # a crash during RL resumes after the SFT (steps=0: the final save follows at once)
+            save(s, learner, 0, None)
     if resume or s.cfg.distill.enabled:
         sync_weights(s, learner, engines, state["step"])
     if not resume and s.cfg.trainer.steps:  # with steps=0 (an SFT job) the final evaluation is the only one
