@@ -108,8 +108,9 @@ def prepare(run_dir: Path, cfg, config_yaml: str) -> bool:
 
 def set_aside(run_dir: Path) -> Path | None:
     """Move an earlier run's files into `previous-<time>/` (None when there are none)."""
-    if not ((run_dir / "metrics.jsonl").exists() or (run_dir / "consumed.jsonl").exists()):
-        return None
+    logs = [run_dir / name for name in ("metrics.jsonl", "consumed.jsonl", "completions.jsonl")]
+    if not any(p.is_file() and p.stat().st_size for p in logs) and not (run_dir / "final_model").exists():
+        return None  # nothing of an earlier run (at most empty logs of one that died at once)
     dest = run_dir / time.strftime("previous-%Y%m%d-%H%M%S")
     while dest.exists():
         dest = dest.with_name(dest.name + "-1")
