@@ -490,7 +490,7 @@ class LearnerGroup:
     process group meets at rank 0's node, on a port free there."""
 
     def __init__(self, cfg: LearnerConfig, world_size: int = 1, num_cpus: float = 1, num_gpus: float = 0,
-                 resources: dict | None = None, placement: str = "pack"):
+                 resources: dict | None = None, placement: str = "pack", placement_timeout_s: float = 300.0):
         import threading
 
         import ray
@@ -504,7 +504,9 @@ class LearnerGroup:
         self._submit = threading.Lock()  # calls from two threads reach every rank in the same order
         self.actors = []
         try:
-            ray.get(self.pg.ready())
+            if not ray.wait([self.pg.ready()], timeout=placement_timeout_s)[0]:
+                raise LearnerFailure(f"the learner's placement group ({world_size} x {bundle}, {placement}) was not "
+                                     f"placed in {placement_timeout_s:.0f} s: no node offers these resources")
             at = [PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r) for r in range(world_size)]
             addr, port = ray.get(ray.remote(num_cpus=0)(_rendezvous).options(scheduling_strategy=at[0]).remote())
             cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources)(Learner)

@@ -287,7 +287,8 @@ def load_from_nccl(worker, plan: list) -> int:
     `NcclWeightSender.send_bucket`), or single tensors when `plan` is a flat list of metas (`send`), and load
     them as they arrive."""
     comm, model = worker._weight_comm, worker.model_runner.get_model()
-    buckets = plan if plan and isinstance(plan[0], list) else [[m] for m in plan]
+    flat = bool(plan) and isinstance(plan[0][0], str)  # a meta starts with its name, a bucket with a meta
+    buckets = [[m] for m in plan] if flat else plan
 
     def received():
         for bucket in buckets:

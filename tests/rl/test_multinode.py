@@ -204,6 +204,14 @@ def test_a_run_dir_one_node_cannot_see_is_refused(two_nodes, tmp_path):
     assert list((tmp_path / "run").iterdir()) == []  # the markers are cleaned up
 
 
+def test_learner_placement_no_node_offers_fails_naming_it(ray_cluster, tiny_dense):
+    from rl.learner import LearnerConfig, LearnerFailure, LearnerGroup
+
+    with pytest.raises(LearnerFailure, match=r"placement group \(1 x \{'CPU': 1, 'node_z': 1\}, spread\) was not placed "
+                                             r"in 2 s: no node offers these resources"):
+        LearnerGroup(LearnerConfig(model=tiny_dense), resources={"node_z": 1}, placement="spread", placement_timeout_s=2)
+
+
 # ------------------------------------------------------------------------- placement and weight-sync config
 @pytest.mark.parametrize("overrides,message", [
     (["trainer.weight_sync=gloo"], r"^trainer.weight_sync: unsupported 'gloo'. Supported: \['auto', 'nccl', 'ipc', "
