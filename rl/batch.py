@@ -85,6 +85,25 @@ class KeptBatch:
         bit_pos, bits = cut(self.bit_pos, self.bits)
         return KeptBatch(self.vocab_size, self.width, pos, id_pos, ids, bit_pos, bits)
 
+    def chunk(self, s: int, e: int, device):
+        """Positions `[s, e)` for the log-prob head: ("ids", padded `[n, K]` ids (-1 = padding), has_set
+        `[n]`) when every set there is id-encoded (small: the head gathers K logits a row), else ("mask",
+        `dense(s, e)`, all True)."""
+        bounds = torch.tensor([s, e])
+        i, j = torch.searchsorted(self.bit_pos, bounds).tolist()
+        if j > i:
+            return "mask", self.dense(s, e, device), torch.ones(e - s, dtype=torch.bool, device=device)
+        a, b = torch.searchsorted(self.id_pos, bounds).tolist()
+        rows = self.id_pos[a:b] - s
+        counts = torch.bincount(rows, minlength=e - s)
+        padded = torch.full((e - s, max(int(counts.max()) if b > a else 0, 1)), -1, dtype=torch.long)
+        col = torch.arange(b - a) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        padded[rows, col] = self.ids[a:b].long()
+        i, j = torch.searchsorted(self.pos, bounds).tolist()
+        has = torch.zeros(e - s, dtype=torch.bool)
+        has[self.pos[i:j] - s] = True
+        return "ids", padded.to(device), has.to(device)
+
     def dense(self, s: int, e: int, device) -> torch.Tensor:
         """Boolean `[e - s, V]` mask of positions `[s, e)`: True = kept (or no set recorded)."""
         bounds = torch.tensor([s, e])

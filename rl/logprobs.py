@@ -26,23 +26,20 @@ def csr_to_padded(offsets: torch.Tensor, ids: torch.Tensor, pad: int = -1) -> to
 
 
 class _PaddedKept:
-    """Kept sets given as a padded `[N, K]` id tensor (-1 = padding) behind the `dense(s, e, device)`
+    """Kept sets given as a padded `[N, K]` id tensor (-1 = padding) behind the `chunk(s, e, device)`
     interface of `rl.batch.KeptBatch` (small inputs and tests; the learner uses KeptBatch)."""
 
     def __init__(self, padded: torch.Tensor, vocab_size: int):
         self.padded, self.vocab_size = padded.long(), vocab_size
 
-    def dense(self, s: int, e: int, device) -> torch.Tensor:
-        k = self.padded[s:e].to(device)
-        mask = torch.zeros(e - s, self.vocab_size + 1, dtype=torch.bool, device=device)
-        mask.scatter_(1, torch.where(k < 0, self.vocab_size, k), True)  # padding lands in the spare column
-        return mask[:, : self.vocab_size]
+    def chunk(self, s: int, e: int, device):
+        return "ids", self.padded[s:e].to(device), torch.ones(e - s, dtype=torch.bool, device=device)
 
 
 def _as_kept(kept_ids, n: int, vocab_size: int):
-    """None, an object with `dense(s, e, device)` (rl.batch.KeptBatch), a padded `[..., K]` tensor, or a
-    CSR `(offsets, ids)` pair -> None or an object with `dense`."""
-    if kept_ids is None or hasattr(kept_ids, "dense"):
+    """None, an object with `chunk(s, e, device)` (rl.batch.KeptBatch), a padded `[..., K]` tensor, or a
+    CSR `(offsets, ids)` pair -> None or an object with `chunk`."""
+    if kept_ids is None or not isinstance(kept_ids, (torch.Tensor, tuple, list)):
         return kept_ids
     if isinstance(kept_ids, (tuple, list)):
         kept_ids = csr_to_padded(*kept_ids)
@@ -56,9 +53,24 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, temperature: float) -> 
     return logits / temperature if temperature != 1.0 else logits
 
 
+def _kept_support(logits: torch.Tensor, ids: torch.Tensor, kept, s: int, e: int):
+    """The chunk's renormalisation support. Small sets (every row id-encoded): the `[n, K]` logits of the
+    kept ids (-inf on padding) and the ids; the `[n, V]` logits are left alone. A chunk with a bitmap row:
+    the `[n, V]` logits with everything outside the sets at -inf, in place. Returns (support logits,
+    padded ids or None, in_set [n]: whether each token is in its set)."""
+    mode, k, has = kept.chunk(s, e, logits.device)
+    if mode == "mask":
+        logits.masked_fill_(~k, float("-inf"))
+        return logits, None, k.gather(-1, ids).squeeze(-1)
+    k = k.clone()
+    k[~has, 0] = ids[~has, 0]  # positions without a set (prompt, padding): {target}, log-prob 0, no gradient
+    sel = logits.gather(-1, k.clamp(min=0)).masked_fill(k < 0, float("-inf"))
+    return sel, k, (k == ids).any(-1)
+
+
 class _ChunkedTokenLogprobs(torch.autograd.Function):
     """Forward keeps only `[N]` log-probs and the `[N]` log-normalisers; backward recomputes the logits of
-    one chunk at a time (and its kept-set mask) and builds the chunk's gradient in place in that buffer."""
+    one chunk at a time (and its kept sets) and builds the chunk's gradient in place in that buffer."""
 
     @staticmethod
     def forward(ctx, hidden, weight, token_ids, kept, chunk_size, temperature, want_stats):
@@ -72,19 +84,21 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             e = min(s + chunk_size, n)
             logits = _chunk_logits(hidden[s:e], weight, temperature)  # [n, V]
             ids = token_ids[s:e, None]
+            tok = logits.gather(-1, ids).squeeze(-1)
+            full = torch.logsumexp(logits, -1) if want_stats and kept is not None else None
+            support, in_set = logits, None
             if kept is not None:
-                m = kept.dense(s, e, logits.device)  # [n, V] bool
-                if want_stats:  # the policy's own mass on the kept set, before renormalising
-                    full = torch.logsumexp(logits, -1)
-                logits.masked_fill_(~m, float("-inf"))
-            lse = torch.logsumexp(logits, -1)
+                support, _, in_set = _kept_support(logits, ids, kept, s, e)  # [n, K] or [n, V]
+            lse = torch.logsumexp(support, -1)
             lse = lse.masked_fill(lse == float("-inf"), 0.0)  # an empty kept set: no NaN, out = -inf below
             lse_all[s:e] = lse
-            out[s:e] = logits.gather(-1, ids).squeeze(-1) - lse  # -inf for a token outside its kept set
-            if want_stats:  # H = lse - sum_v p_v * logit_v, for logging only
-                p = (logits - lse[:, None]).exp_()
-                ent[s:e] = lse - (p * logits.nan_to_num(neginf=0.0)).sum(-1)
-                if kept is not None:
+            out[s:e] = tok - lse
+            if in_set is not None:  # a token outside its kept set could not have been sampled
+                out[s:e].masked_fill_(~in_set, float("-inf"))
+            if want_stats:  # H = lse - sum_v p_v * logit_v over the support, for logging only
+                p = (support - lse[:, None]).exp_()
+                ent[s:e] = lse - (p * support.nan_to_num(neginf=0.0)).sum(-1)
+                if full is not None:  # the policy's own mass on the kept set, before renormalising
                     mass[s:e] = (lse - full).exp()
         ctx.save_for_backward(hidden, weight, token_ids, lse_all)
         ctx.kept, ctx.chunk_size, ctx.temperature = kept, chunk_size, temperature
@@ -105,11 +119,15 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             logits = _chunk_logits(h, weight, temperature)
             g = grad_out[s:e].to(logits.dtype)
             ids = token_ids[s:e, None]
+            lse = lse_all[s:e, None]
+            k = None
             if kept is not None:
-                m = kept.dense(s, e, logits.device)
-                logits.masked_fill_(~m, float("-inf"))  # p = 0 outside the kept set: no gradient there
-                g = g.masked_fill(~m.gather(-1, ids).squeeze(-1), 0.0)  # a token outside its set: no gradient
-            grad_logits = logits.sub_(lse_all[s:e, None]).exp_()  # p, in the logits buffer
+                support, k, in_set = _kept_support(logits, ids, kept, s, e)
+                g = g.masked_fill(~in_set, 0.0)  # a token outside its set: no gradient
+            if k is None:  # p over the whole row (0 outside a bitmap's set), in the logits buffer
+                grad_logits = logits.sub_(lse).exp_()
+            else:  # p over the kept ids only, scattered into the zeroed logits buffer
+                grad_logits = logits.zero_().scatter_add_(-1, k.clamp(min=0), (support - lse).exp_())
             # d logp_tok / d logits = onehot(tok) - p ; then the 1/temperature of the logits.
             grad_logits.mul_(-g[:, None]).scatter_add_(-1, ids, g[:, None])
             if temperature != 1.0:
@@ -168,6 +186,6 @@ def sampling_mask_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, kept_i
     flat = logits.reshape(-1, logits.shape[-1])
     flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
     ids = token_ids.reshape(-1, 1).long()
-    m = _as_kept(kept_ids, ids.shape[0], flat.shape[-1]).dense(0, ids.shape[0], flat.device)
-    masked = flat.masked_fill(~m, float("-inf"))
-    return (masked.gather(-1, ids).squeeze(-1) - torch.logsumexp(masked, -1)).reshape(token_ids.shape)
+    support, _, in_set = _kept_support(flat.clone(), ids, _as_kept(kept_ids, ids.shape[0], flat.shape[-1]), 0, ids.shape[0])
+    out = flat.gather(-1, ids).squeeze(-1) - torch.logsumexp(support, -1)
+    return out.masked_fill(~in_set, float("-inf")).reshape(token_ids.shape)

@@ -133,3 +133,45 @@ def test_empty_kept_row_and_token_outside_its_set_are_finite_in_gradients():
     gh, gw = torch.autograd.grad(loss, (hidden, w))
     assert torch.isfinite(gh).all() and torch.isfinite(gw).all()
     assert gh[0, 1].abs().sum() == 0 and gh[0, 2].abs().sum() == 0
+
+
+@pytest.mark.parametrize("chunk", [3, 7, 64])
+def test_kept_batch_ids_and_bitmap_chunks_equal_the_loop(chunk):
+    """rl.batch.KeptBatch through the chunked head: id-encoded chunks (gathered logits) and chunks with a
+    bitmap row (a dense mask) give the loop's renormalised log-probs and gradients at response positions."""
+    import numpy as np
+
+    from rl.batch import collate
+    from rollout.sample import KeptSets, Sample, Status
+
+    V, H = 1000, 8
+    rng = np.random.default_rng(0)
+    samples, sets = [], []
+    for P, R, big in ((3, 5, (1, 3)), (2, 4, ()), (4, 6, (5,))):
+        resp = rng.integers(0, V, R)
+        rows = [np.union1d(rng.choice(V, 600 if j in big else 6, replace=False), [t]) for j, t in enumerate(resp)]
+        samples.append(Sample(prompt_ids=list(range(1, P + 1)), response_ids=resp.tolist(), logprobs=[0.0] * R,
+                              loss_mask=[1] * R, status=Status.COMPLETED, kept=KeptSets.from_lists(rows, V)))
+        sets.append(rows)
+    batch = collate(samples)
+    B, T = batch.targets.shape
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64, requires_grad=True)
+    out = token_logprobs(hidden, w, batch.targets, chunk, kept_ids=batch.kept)
+    on = batch.loss_mask > 0
+    logits = hidden @ w.T
+    ref = []
+    for b, s in enumerate(samples):
+        for j, ks in enumerate(sets[b]):
+            t = len(s.prompt_ids) - 1 + j
+            masked = torch.full((V,), float("-inf"), dtype=torch.float64)
+            masked[torch.as_tensor(ks)] = logits[b, t, torch.as_tensor(ks)]
+            ref.append(torch.log_softmax(masked, -1)[s.response_ids[j]])
+    ref = torch.stack(ref)
+    torch.testing.assert_close(out[on], ref, rtol=1e-10, atol=1e-10)
+    assert torch.isfinite(out).all()  # prompt and padding positions: {target}, log-prob 0
+    gh, gw = torch.autograd.grad(out[on].sum(), (hidden, w))
+    rh, rw = torch.autograd.grad(ref.sum(), (hidden, w))
+    torch.testing.assert_close(gh, rh, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(gw, rw, rtol=1e-9, atol=1e-9)
