@@ -167,11 +167,14 @@ def test_second_run_on_a_run_dir_in_use_is_refused(tmp_path, loop_stub, capsys):
 def test_forked_children_do_not_keep_the_lock(tmp_path):
     """The scoring pool forks children; one that outlives its driver must not keep the run dir locked."""
     held = rundir.lock(tmp_path)
+    ready_r, ready_w = os.pipe()
     pid = os.fork()
-    if pid == 0:
+    if pid == 0:  # the at-fork hooks have run when fork returns here
+        os.write(ready_w, b"x")
         time.sleep(5)
         os._exit(0)
     try:
+        assert os.read(ready_r, 1) == b"x"
         held.release()  # the driver is gone; its forked child still runs
         with rundir.lock(tmp_path):
             pass
