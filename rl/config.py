@@ -517,8 +517,8 @@ def validate_agent(cfg: Config, specs: dict) -> None:
     g = cfg.agent
     for dom in g.domains:
         _check(dom in specs, "agent.domains", f"domain {dom!r} has no reward spec (rewards: {sorted(specs)})")
-    strategies = ["none", "parallel_fewest_steps", *CONTEXT_STRATEGIES.names()]
-    _check(g.context_strategy in strategies, "agent.context_strategy", f"unsupported {g.context_strategy!r}. Supported: {strategies}")
+    _check(g.context_strategy in CONTEXT_STRATEGIES, "agent.context_strategy",
+           f"unsupported {g.context_strategy!r}. Supported: {CONTEXT_STRATEGIES.names()}")
     _check(0 < g.context_trigger <= 1, "agent.context_trigger", f"must be in (0, 1], got {g.context_trigger}")
     _check(g.max_turns >= 1 and g.parallel >= 1 and g.summary_tokens >= 8, "agent",
            "max_turns >= 1, parallel >= 1 and summary_tokens >= 8 are required")

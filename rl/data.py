@@ -239,10 +239,11 @@ def _encoding_code() -> str:
     """A digest of the modules that turn rows into ids (this one, the chat encoding, the tools' specs).
     datasets keys its cache on the map function's arguments and on module functions by name only (measured:
     a changed body hashes the same), so without this an upgraded encoder would read ids the old one cached."""
-    from rollout import agent, chat
+    from rollout import chat
+    from rollout.agent import tools
 
     digest = hashlib.sha256()
-    for module in (sys.modules[__name__], chat, agent):
+    for module in (sys.modules[__name__], chat, tools):
         try:
             digest.update(inspect.getsource(module).encode())
         except (OSError, TypeError):  # no source shipped: the version string is all there is

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from rollout.agent import (SUMMARY_PREFIX, SUMMARY_REQUEST, TOOLS, AgentRunner, Episode, EpisodeConfig, ScriptedPolicy,
-                           call_tool, render_history, run_episode, split_segments, tool_call_text)
+from rollout.agent import (CONTEXT_STRATEGIES, SUMMARY_PREFIX, SUMMARY_REQUEST, TOOLS, AgentRunner, Episode, EpisodeConfig,
+                           ScriptedPolicy, call_tool, render_history, run_episode, split_segments, tool_call_text)
 from rollout.chat import encode_chat
 from rollout.engine import SamplingConfig
 
@@ -218,4 +218,4 @@ def test_parallel_fewest_steps_keeps_the_shortest_finished_candidate(tiny_dense)
     eps = [Episode([1], [1]) for _ in range(3)]
     for e, (turns, status) in zip(eps, [(3, Status.COMPLETED), (5, Status.TRUNCATED), (2, Status.COMPLETED)]):
         e.stats["turns"], e.status = turns, status
-    assert AgentRunner._fewest_steps(eps) is eps[2]
+    assert CONTEXT_STRATEGIES.get("parallel_fewest_steps").select(eps) is eps[2]

@@ -1,0 +1,105 @@
+"""The episode runner: drives a batch of tool-use episodes through an engine in lock-step (one engine call per
+turn for every live episode), parsing `<tool_call>{"name", "arguments"}</tool_call>` from the model's text.
+
+Deviations and limits:
+- A model turn counts as one step; `max_turns` bounds the model turns of an episode, including those
+  after a reset (otherwise `discard_all` could loop forever).
+- On a tool-result token the sampling mask is the token itself and nothing is trained there.
+"""
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import replace
+
+from rollout.agent.context import CONTEXT_STRATEGIES
+from rollout.agent.episode import TOOL_TURN, Episode, EpisodeConfig
+from rollout.agent.tools import call_tool
+from rollout.sample import Sample, Status
+
+_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+
+
+class AgentRunner:
+    """Tool-use episodes on any `generate_fn(prompts, SamplingConfig) -> list[Sample]` (an engine's
+    `generate`, or a RolloutManager's first return value)."""
+
+    def __init__(self, tokenizer, cfg: EpisodeConfig, domains: tuple[str, ...] = ()):
+        self.strategy = CONTEXT_STRATEGIES.get(cfg.strategy)
+        self.tok, self.cfg, self.domains = tokenizer, cfg, tuple(domains)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def tool_tokens(self, results: list[str]) -> list[int]:
+        """Tool results exactly as the chat template renders them, then the next assistant header. The model's
+        turn ended with <|im_end|>; the template puts a newline after it."""
+        return self.encode("\n" + "".join(TOOL_TURN.format(r) for r in results) + "<|im_start|>assistant\n")
+
+    def run(self, generate_fn, prompts: list[list[int]], sampling) -> list[Sample]:
+        """n = sampling.n episodes per prompt; returns n Samples per prompt, ordered by prompt, with
+        `prompt_index`, `segments` and `tool_stats` set."""
+        n, cfg = sampling.n, self.cfg
+        width = self.strategy.width(cfg)
+        group = n * width
+        eps = [Episode(list(p), list(p)) for p in prompts for _ in range(group)]
+        for turn in itertools.count():
+            if turn > 0:
+                full = [e for e in eps if not e.done and e.turns and len(e.stream) >= cfg.trigger * cfg.max_context]
+                self.strategy.manage(self, generate_fn, full, sampling, turn)
+            # Turn 0 is one request per prompt with n = group size (a group's samples differ even under a
+            # fixed seed); later turns are one request per live episode.
+            units = ([(range(u * group, (u + 1) * group), p) for u, p in enumerate(prompts)] if turn == 0
+                     else [([i], e.stream) for i, e in enumerate(eps) if not e.done])
+            if not units:
+                break
+            by_room: dict[int, list] = {}
+            for members, stream in units:
+                room = min(sampling.max_tokens, cfg.max_context - len(stream))
+                if room > 0:
+                    by_room.setdefault(room, []).append((members, stream))
+                for i in members if room <= 0 else ():
+                    eps[i].finish(Status.TRUNCATED, "context")
+            seed = None if sampling.seed is None else sampling.seed + 7919 * turn
+            for room, batch in by_room.items():
+                sp = replace(sampling, max_tokens=room, **({"n": group} if turn == 0 else {"n": 1, "seed": seed}))
+                outs = sorted(generate_fn([stream for _, stream in batch], sp), key=lambda s: s.prompt_index)
+                for e, s in zip([eps[i] for members, _ in batch for i in members], outs):
+                    self._step(e, s)
+        out = []
+        for i in range(0, len(eps), width):
+            s = self.strategy.select(eps[i : i + width]).to_sample()
+            s.prompt_index = i // width // n
+            for seg in s.segments:
+                seg.prompt_index = s.prompt_index
+            out.append(s)
+        return out
+
+    def _step(self, e: Episode, s: Sample) -> None:
+        """Append one model turn; run its tool calls, or finish the episode."""
+        if s.status is Status.ABORTED or s.status is Status.FAILED:
+            e.finish(s.status, s.finish_reason, s.error)
+            return
+        e.segment.add(list(s.response_ids), list(s.logprobs), s)
+        e.stats["turns"] += 1
+        calls = _CALL.findall(self.tok.decode(s.response_ids, skip_special_tokens=True))
+        if s.finish_reason != "stop":
+            e.finish(Status.TRUNCATED, s.finish_reason)
+        elif not calls:
+            e.finish(Status.COMPLETED, "stop")
+        elif e.stats["turns"] >= self.cfg.max_turns:
+            e.finish(Status.TRUNCATED, "max_turns")
+        else:
+            results = [call_tool(c, self.cfg.tool_context) for c in calls]
+            e.stats["tool_calls"] += len(calls)
+            e.stats["tool_errors"] += sum(r.startswith("error") for r in results)
+            tool = self.tool_tokens(results)
+            e.segment.add(tool)
+            e.turns.append(list(s.response_ids) + tool)
+
+
+def run_episode(engine, tokenizer, prompt_ids: list[int], sampling, context: dict | None = None,
+                max_turns: int = 4) -> Sample:
+    """One episode on an engine with `generate(prompts, sampling) -> list[Sample]`."""
+    runner = AgentRunner(tokenizer, EpisodeConfig(max_turns=max_turns, max_context=10**9, tool_context=context or {}))
+    return runner.run(engine.generate, [prompt_ids], replace(sampling, n=1))[0]
