@@ -22,7 +22,9 @@ def ray_session(cluster):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {"env_vars": {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}}
     if cluster.address is None:
-        ray.init(num_cpus=cluster.num_cpus, include_dashboard=False, log_to_driver=False,
+        # address="local": a new private instance even when `ray start` left a cluster on this machine (a bare
+        # ray.init() would join it, with its own resources and lifetime).
+        ray.init(address="local", num_cpus=cluster.num_cpus, include_dashboard=False, log_to_driver=False,
                  _node_ip_address=cluster.host, runtime_env=env)
     else:
         ray.init(address=cluster.address, log_to_driver=False, runtime_env=env)
