@@ -34,7 +34,7 @@ def main() -> None:
     import torch
     import transformers.models.qwen3_moe.modeling_qwen3_moe as qm
 
-    from rl.learner import Learner, LearnerConfig
+    from rl.learner import Learner, LearnerConfig, plan_step
     from rollout.engine import EngineConfig, SamplingConfig
     from rollout.tiny_models import build_tiny_model
     from rollout.vllm_engine import VLLMEngine
