@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing as mp
 import os
 import tempfile
@@ -132,7 +131,7 @@ def main() -> None:
             else:
                 inbox.put(("nccl", NcclWeightSender.metas(named), 1))
                 sender.send(named)
-            t_engine = outbox.get()
+            outbox.get()  # the engine's load finished
             total = time.time() - t0
             rows.setdefault(f"{tr}/seconds", []).append(round(total, 4))
             if tr == "disk":

@@ -39,7 +39,6 @@ def raw_vllm(model: str, ps, a) -> tuple[float, int]:
 
 
 def ours(model: str, engine: str, ps, a) -> tuple[float, int]:
-    import ray
 
     from rollout.engine import EngineConfig, SamplingConfig
     from rollout.manager import RolloutManager

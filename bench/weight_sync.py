@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import time
+from functools import partial
 
 for k, v in {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
              "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}.items():
@@ -67,12 +68,12 @@ def main() -> None:
         print(f"\n[{size}] {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params, {nbytes / 1e6:.1f} MB; "
               f"one memcpy of it = {floor * 1e3:.1f} ms")
         out = "/dev/shm/bench-sync" if os.path.isdir("/dev/shm") else os.path.join(tmp, "sync")
-        t_export = _timed(lambda: export_hf_checkpoint(model, out, src, bucket_mb=512))
+        t_export = _timed(partial(export_hf_checkpoint, model, out, src, bucket_mb=512))
         print(f"  export to {out}: {t_export * 1e3:.0f} ms ({t_export / floor:.1f}x memcpy)")
         for name in a.engines.split(","):
             engine = make_engine(EngineConfig(model=src, engine=name, max_model_len=256))
             engine.update_weights(out, 1)  # warm-up (first load pays imports and page faults)
-            t_load = min(_timed(lambda: engine.update_weights(out, 1)) for _ in range(2))
+            t_load = min(_timed(partial(engine.update_weights, out, 1)) for _ in range(2))
             total = t_export + t_load
             print(f"  {name:9s} load: {t_load * 1e3:.0f} ms; export + load = {total * 1e3:.0f} ms "
                   f"= {total / floor:.1f}x memcpy (target <= 1.2x)")

@@ -23,7 +23,7 @@ def load_rows(path: str) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise SystemExit(f"{path}:{lineno}: not valid JSON ({exc.msg})")
+                raise SystemExit(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
             if not isinstance(row, dict) or not isinstance(row.get("completion"), str):
                 raise SystemExit(f"{path}:{lineno}: each row needs a string field 'completion'")
             rows.append(row)

@@ -25,7 +25,7 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from rewards.base import EVENTS, ScorerError, get_scorer, call_scorer, merge_events, record_event, take_events
+from rewards.base import EVENTS, ScorerError, call_scorer, get_scorer, merge_events, record_event, take_events
 from rewards.spec import RewardSpec
 
 

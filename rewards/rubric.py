@@ -33,7 +33,7 @@ JUDGE_PROMPT = """You are grading a response against a rubric.
 # Response
 {response}
 
-Grade how well the response satisfies the rubric. Reply with one line: "Score: N/{max_score}" where N is an integer from 0 to {max_score}."""
+Grade how well the response satisfies the rubric. Reply with one line: "Score: N/{max_score}" where N is an integer from 0 to {max_score}."""  # noqa: E501
 
 _SCORE_PATTERNS = [
     re.compile(r"score\s*[:=]\s*(-?\d+(?:\.\d+)?)\s*(?:/\s*(\d+(?:\.\d+)?))?", re.I),

@@ -12,7 +12,6 @@ import re
 
 from rewards.base import column, record_event, register_scorer, split_thinking
 
-
 # math-verify warns once per process that its own timeouts are off: they are, on purpose (docstring above).
 logging.getLogger("math_verify").setLevel(logging.ERROR)
 

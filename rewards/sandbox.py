@@ -552,16 +552,17 @@ def _h_script_main():
     except SystemExit:
         raise
     except BaseException as exc:  # noqa: BLE001  print the program's traceback without the harness frame
-        import linecache, traceback  # here: they cost more than a run that does not fail
+        import linecache
+        import traceback  # here: they cost more than a run that does not fail
 
         linecache.cache["main.py"] = (len(code), None, code.splitlines(True), "main.py")
         traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next)
         sys.exit(1)
 
 
-_SHIPPED = (_JsonContext, _h_loads, _h_dumps, _h_read_line, _h_read_all, _h_limit, _h_boot, _h_become, _h_close_fds, _h_report_channel, _h_write,
-            _h_report, _h_text, _enc, _dec, _Timeout, _Gone, _h_on_alarm, _h_arm, _h_serve, _Rpc, _h_ref, _Remote,
-            _h_names, _h_run_tests)
+_SHIPPED = (_JsonContext, _h_loads, _h_dumps, _h_read_line, _h_read_all, _h_limit, _h_boot, _h_become, _h_close_fds,
+            _h_report_channel, _h_write, _h_report, _h_text, _enc, _dec, _Timeout, _Gone, _h_on_alarm, _h_arm, _h_serve, _Rpc,
+            _h_ref, _Remote, _h_names, _h_run_tests)
 
 
 @functools.lru_cache(maxsize=None)
@@ -847,7 +848,7 @@ class _Cgroup:
                 with contextlib.suppress(OSError), open(os.path.join(path, "cgroup.kill"), "w") as f:
                     f.write("1")
         deadline, pause = time.monotonic() + 2.0, 0.0005
-        for kind, path in self.dirs:
+        for _, path in self.dirs:
             while True:
                 try:
                     os.rmdir(path)

@@ -25,9 +25,23 @@ import time
 
 from rewards.base import record_event, register_scorer
 from rewards.rule import final_answer
-from rewards.sandbox import (SandboxBackend, SandboxLimits, _h_become, _h_boot, _h_close_fds, _h_dumps, _h_loads,
-                             _h_read_all, _h_report, _h_report_channel, _h_text, _h_write, backend_from_options,
-                             harness_script, run_harness)
+from rewards.sandbox import (
+    SandboxBackend,
+    SandboxLimits,
+    _h_become,
+    _h_boot,
+    _h_close_fds,
+    _h_dumps,
+    _h_loads,
+    _h_read_all,
+    _h_report,
+    _h_report_channel,
+    _h_text,
+    _h_write,
+    backend_from_options,
+    harness_script,
+    run_harness,
+)
 
 
 def _verify_one(source, answer, uid, hdr):

@@ -369,12 +369,11 @@ def _check(ok: bool, key: str, msg: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Range and consistency checks with key paths (types were checked by the schema)."""
+    import rollout.reference_engine  # noqa: F401  (register the engines; vLLM itself is imported lazily)
+    import rollout.vllm_engine  # noqa: F401
     from rewards import SpecError, parse_specs
     from rl import algos
     from rollout.engine import ENGINES
-
-    import rollout.reference_engine  # noqa: F401  (register the engines; vLLM itself is imported lazily)
-    import rollout.vllm_engine  # noqa: F401
 
     a, r, t, d = cfg.algo, cfg.rollout, cfg.trainer, cfg.data
     _check((cfg.model.path is None) != (cfg.model.tiny is None), "model", "set exactly one of model.path and model.tiny")
@@ -383,15 +382,18 @@ def validate(cfg: Config) -> None:
         _check((Path(cfg.model.path) / "config.json").is_file(), "model.path", f"'{cfg.model.path}' is not a HF checkpoint directory")
     _check(a.name in algos.POLICY_LOSSES, "algo.name", f"unsupported {a.name!r}. Supported: {algos.POLICY_LOSSES.names()}")
     _check(a.advantage in algos.ADVANTAGES, "algo.advantage", f"unsupported {a.advantage!r}. Supported: {algos.ADVANTAGES.names()}")
-    _check(a.kl_estimator in algos.KL_ESTIMATORS, "algo.kl_estimator", f"unsupported {a.kl_estimator!r}. Supported: {algos.KL_ESTIMATORS.names()}")
-    _check(a.aggregation in algos.AGGREGATIONS, "algo.aggregation", f"unsupported {a.aggregation!r}. Supported: {algos.AGGREGATIONS.names()}")
+    _check(a.kl_estimator in algos.KL_ESTIMATORS, "algo.kl_estimator",
+           f"unsupported {a.kl_estimator!r}. Supported: {algos.KL_ESTIMATORS.names()}")
+    _check(a.aggregation in algos.AGGREGATIONS, "algo.aggregation",
+           f"unsupported {a.aggregation!r}. Supported: {algos.AGGREGATIONS.names()}")
     _check(0 < a.clip_eps < 1, "algo.clip_eps", f"must be in (0, 1), got {a.clip_eps}")
     _check(a.clip_eps_high is None or a.clip_eps_high > 0, "algo.clip_eps_high", f"must be > 0, got {a.clip_eps_high}")
     _check(a.kl_coef >= 0, "algo.kl_coef", f"must be >= 0, got {a.kl_coef}")
     for dom, beta in a.kl_coef_per_domain.items():
         _check(isinstance(beta, (int, float)) and beta >= 0, f"algo.kl_coef_per_domain.{dom}", f"must be a number >= 0, got {beta!r}")
     _check(a.opsm_delta is None or a.opsm_delta >= 0, "algo.opsm_delta", f"must be >= 0, got {a.opsm_delta}")
-    _check(r.engine in ENGINES or r.engine == "auto", "rollout.engine", f"unsupported {r.engine!r}. Supported: {[*ENGINES.names(), 'auto']}")
+    _check(r.engine in ENGINES or r.engine == "auto", "rollout.engine",
+           f"unsupported {r.engine!r}. Supported: {[*ENGINES.names(), 'auto']}")
     _check(r.n >= (2 if a.name == "grpo" else 1), "rollout.n", f"GRPO needs a group of at least 2 samples, got {r.n}")
     # Greedy samples have no sampling probability: the ratio pi_theta / pi_old is undefined (eval.temperature
     # may be 0: evaluation trains nothing).
@@ -409,7 +411,8 @@ def validate(cfg: Config) -> None:
     validate_captures(cfg)
     validate_placement(cfg)
     _check(r.max_tokens >= 1 and r.num_engines >= 1, "rollout", "max_tokens and num_engines must be >= 1")
-    _check((r.engine_gpus or 0) >= 0 and (t.learner_gpus or 0) >= 0, "rollout.engine_gpus", "GPU counts (and trainer.learner_gpus) must be >= 0")
+    _check((r.engine_gpus or 0) >= 0 and (t.learner_gpus or 0) >= 0, "rollout.engine_gpus",
+           "GPU counts (and trainer.learner_gpus) must be >= 0")
     _check(t.steps >= 0 and t.lr > 0 and t.world_size >= 1 and t.micro_batch_size >= 1, "trainer",
            "steps >= 0, lr > 0, world_size >= 1 and micro_batch_size >= 1 are required")
     _check(t.mode in ("sync", "async"), "trainer.mode", f"must be 'sync' or 'async', got {t.mode!r}")

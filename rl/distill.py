@@ -18,10 +18,8 @@ Resumability: the driver skips distillation when a checkpoint exists (it is save
 from __future__ import annotations
 
 import random
-
-from dataclasses import replace
-
 import sys
+from dataclasses import replace
 
 from rl import components, pipeline
 from rl.data import DataError, Prompt, encode_prompt, load_source, map_columns
@@ -141,7 +139,7 @@ def distill(cfg, tok, specs: dict, pool, agent, train_prompts: list, learner, de
     if not kept:
         raise RuntimeError("distillation kept no sample: check distill.specialists and the reward specs")
     rng, losses = random.Random(0), []
-    for step in range(d.dsa_warmup_steps):  # DSA dense warm-up: indexer only, main model frozen
+    for _ in range(d.dsa_warmup_steps):  # DSA dense warm-up: indexer only, main model frozen
         kl = learner.dsa_warmup_step(rng.sample(kept, min(d.batch_size, len(kept))), d.dsa_warmup_lr)
         metrics.setdefault("distill/dsa_warmup_kl_first", kl)
         metrics["distill/dsa_warmup_kl_last"] = kl

@@ -18,11 +18,11 @@ Not covered: tensor/pipeline/expert parallelism, sequence packing, CPU offload o
 from __future__ import annotations
 
 import datetime
-from contextlib import contextmanager
 import math
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 

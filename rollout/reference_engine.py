@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 
-import numpy as np
 import torch
 
 from rollout.engine import ENGINES, EngineConfig, SamplingConfig, check_model_dir

@@ -31,7 +31,7 @@ _EN_WORDS = (
     "cat dog red blue green one two three four five six seven eight nine ten hundred thousand yes no true "
     "false call tool search python read file name arguments query code return print def final because"
 ).split()
-_ZH_CHARS = "的一是不了人我在有他这中大来上个国和也子时道出而要于就下得可你年生自会那后能对着事其里所去行过家十用发天如然作方成者多日都三小军二无同么经法当起与好看学进种将还分此心前面又定见只主没公从零四五六七八九百千加减乘除等于答案问题计算多少个数字反转字符串"
+_ZH_CHARS = "的一是不了人我在有他这中大来上个国和也子时道出而要于就下得可你年生自会那后能对着事其里所去行过家十用发天如然作方成者多日都三小军二无同么经法当起与好看学进种将还分此心前面又定见只主没公从零四五六七八九百千加减乘除等于答案问题计算多少个数字反转字符串"  # noqa: E501
 _PUNCT = list("0123456789+-*/=()[]{}<>.,:;!?'\"_#@$%&|\\^~` \n\t，。？！：；（）")
 
 

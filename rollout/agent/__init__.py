@@ -10,8 +10,7 @@ management.
 - `scripted`: `ScriptedPolicy`, an engine whose turns are written by a script (the SFT oracle, test driver).
 """
 from rollout.agent.context import CONTEXT_STRATEGIES, ContextStrategy, discard_75, discard_all
-from rollout.agent.episode import (SUMMARY_PREFIX, SUMMARY_REQUEST, Episode, EpisodeConfig, final_turn_ids, render_history,
-                                   split_segments)
+from rollout.agent.episode import SUMMARY_PREFIX, SUMMARY_REQUEST, Episode, EpisodeConfig, final_turn_ids, render_history, split_segments
 from rollout.agent.runner import AgentRunner, run_episode
 from rollout.agent.scripted import ScriptedPolicy, oracle_script, tool_call_text
 from rollout.agent.tools import TOOLS, Tool, call_tool, register_tool

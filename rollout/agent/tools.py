@@ -79,7 +79,8 @@ def search_tool(query: str, root: str, k: int = 3) -> str:
         scores[p] = sum(math.log(1 + (len(docs) - df[w] + 0.5) / (df[w] + 0.5)) * tf[w] * 2.5
                         / (tf[w] + 1.5 * (0.25 + 0.75 * len(d) / avg)) for w in _words(query) if w in tf)
     best = sorted(scores, key=lambda p: -scores[p])[:k]
-    return "\n".join(f"{p.relative_to(root)}: {p.read_text(errors='replace').splitlines()[0][:200]}" for p in best if scores[p] > 0) or "no match"
+    hits = [f"{p.relative_to(root)}: {p.read_text(errors='replace').splitlines()[0][:200]}" for p in best if scores[p] > 0]
+    return "\n".join(hits) or "no match"
 
 
 @register_tool("read_file", {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]})

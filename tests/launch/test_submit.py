@@ -31,9 +31,9 @@ def test_bad_config_is_refused_before_submission(tmp_path):
 
 @pytest.mark.slow
 def test_run_on_a_local_ray_head(tmp_path):
-    from launch.submit import start_head
-
     import tempfile
+
+    from launch.submit import start_head
 
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths have a length limit
     address = start_head(num_cpus=2, port=_port(), temp_dir=temp_dir)
@@ -120,7 +120,7 @@ def test_submit_through_the_jobs_api(tmp_path, monkeypatch):
         cmd = [sys.executable, "-m", "launch.submit", "--address", f"http://127.0.0.1:{jobs_port}", "--remote-paths",
                "--runtime-env-json", '{"env_vars": {"EXTRA": "1"}, "config": {"setup_timeout_seconds": 120}}',
                "--env-var", "HF_HOME=/cluster/hf", "--wait", "--", *args]
-        for attempt in range(60):  # the head's job agent comes up a few seconds after `ray start` returns
+        for _ in range(60):  # the head's job agent comes up a few seconds after `ray start` returns
             res = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "WANDB_API_KEY": secret}, capture_output=True,
                                  text=True, timeout=120)
             if "No available agent to submit job" not in res.stderr:

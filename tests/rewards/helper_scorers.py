@@ -20,7 +20,8 @@ def crashy(completions, **_):
 
 def trl_reward(prompts, completions, completion_ids, solution, **kwargs):
     """Written for TRL's GRPOTrainer: keyword arguments, the dataset's `solution` column."""
-    return [float(c.strip() == s) + 0.01 * len(ids) + 0.001 * len(p) for p, c, ids, s in zip(prompts, completions, completion_ids, solution)]
+    return [float(c.strip() == s) + 0.01 * len(ids) + 0.001 * len(p)
+            for p, c, ids, s in zip(prompts, completions, completion_ids, solution)]
 
 
 def trl_len_reward(completions, **kwargs):

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from rewards import get_scorer, take_events
-from rewards.sandbox import SandboxLimits, cgroup_limits, run_python, run_tests
+from rewards.sandbox import SandboxLimits, cgroup_limits, run_python
 from rewards.verifier import run_verifier
 from rollout.agent import call_tool
 from tests.rewards.test_sandbox import sandbox_processes

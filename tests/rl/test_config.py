@@ -45,7 +45,7 @@ def test_every_group_option_composes(group, option, tiny_dense):
         (["rollout.engine=sglang"], r"^rollout.engine: unsupported 'sglang'"),
         (["model.path=/nonexistent", "model.tiny=null"], r"^model.path: '/nonexistent' is not a HF checkpoint directory"),
         (["agent.domains=[poetry]"], r"^agent.domains: domain 'poetry' has no reward spec"),
-        (["agent.context_strategy=forget"], r"^agent.context_strategy: unsupported 'forget'. Supported: \['discard_75', 'discard_all', 'none', 'parallel_fewest_steps', 'summary'\]"),
+        (["agent.context_strategy=forget"], r"^agent.context_strategy: unsupported 'forget'. Supported: \['discard_75', 'discard_all', 'none', 'parallel_fewest_steps', 'summary'\]"),  # noqa: E501
         (["agent.max_context=100000"], r"^agent.max_context: must be in \(0, rollout.max_model_len=512\]"),
         (["agent.tool_context={shell: {}}"], r"^agent.tool_context.shell: unknown tool"),
         (["rollout.temperature=0"], r"^rollout.temperature: must be > 0 for training"),

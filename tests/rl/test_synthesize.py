@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rl.synthesize import (Task, ToolEnv, build_lookup_env, lookup_calc, model_tasks, parse_task, synthesize,
-                           task_problem)
+from rl.synthesize import Task, ToolEnv, build_lookup_env, lookup_calc, model_tasks, parse_task, synthesize, task_problem
 from rollout.agent import EpisodeConfig, ScriptedPolicy, tool_call_text
 from rollout.engine import SamplingConfig
 
@@ -31,7 +30,8 @@ def env(tmp_path_factory):
 
 
 def test_parse_task_from_a_model_reply(env):
-    good = '<think>a lookup</think>{"task": "What is the secret number of cat?", "tools": ["search"], "verifier": "def verify(a):\\n    return a == \'1\'"}'
+    good = ('<think>a lookup</think>{"task": "What is the secret number of cat?", "tools": ["search"], '
+            '"verifier": "def verify(a):\\n    return a == \'1\'"}')
     t = parse_task(good, env)
     assert isinstance(t, Task) and t.tools == ["search"] and t.verifier.startswith("def verify(a)")
     assert parse_task("no json here", env) == "no JSON object"
@@ -97,7 +97,8 @@ def test_cli_errors_name_the_argument(tmp_path):
     assert res.returncode == 2 and res.stderr.strip() == f"error: --env: '{tmp_path}' has no docs/ directory"
     res = subprocess.run([sys.executable, "-m", "rl.synthesize", "--env", "examples/agent/env", "--out", str(tmp_path / "o.jsonl")],
                          cwd=ROOT, capture_output=True, text=True)
-    assert res.returncode == 2 and res.stderr.strip() == "error: --policy: required unless --no-filter (the pass-rate filter runs the policy)"
+    assert res.returncode == 2
+    assert res.stderr.strip() == "error: --policy: required unless --no-filter (the pass-rate filter runs the policy)"
 
 
 def test_shipped_example_data_is_the_generator_output(tmp_path):

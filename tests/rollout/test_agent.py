@@ -3,8 +3,21 @@ from __future__ import annotations
 
 import pytest
 
-from rollout.agent import (CONTEXT_STRATEGIES, SUMMARY_PREFIX, SUMMARY_REQUEST, TOOLS, AgentRunner, Episode, EpisodeConfig,
-                           ScriptedPolicy, call_tool, render_history, run_episode, split_segments, tool_call_text)
+from rollout.agent import (
+    CONTEXT_STRATEGIES,
+    SUMMARY_PREFIX,
+    SUMMARY_REQUEST,
+    TOOLS,
+    AgentRunner,
+    Episode,
+    EpisodeConfig,
+    ScriptedPolicy,
+    call_tool,
+    render_history,
+    run_episode,
+    split_segments,
+    tool_call_text,
+)
 from rollout.chat import encode_chat
 from rollout.engine import SamplingConfig
 

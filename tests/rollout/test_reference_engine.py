@@ -2,8 +2,6 @@
 router's own top-k on the same tokens, kept sets vs the processed distribution."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch

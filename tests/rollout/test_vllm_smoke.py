@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rollout.sample import Status
 from rollout.engine import EngineConfig, SamplingConfig
+from rollout.sample import Status
 from rollout.vllm_engine import VLLMEngine
 
 # fp32 on both sides; the residual is kernel summation order (vLLM's CPU attention / fused MoE vs
