@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_INDEX_ARG := $(if $(strip $(TORCH_INDEX)),--extra-index-url $(TORCH_INDEX))
 
-.PHONY: install install-rewards test test-fast quickstart bench clean
+.PHONY: install install-rewards lint test test-fast quickstart bench clean
 
 install: $(STAMP)
 	bash .ci/system-deps.sh
@@ -40,7 +40,10 @@ $(VENV)/.installed-rewards: pyproject.toml
 	$(PIP) install -q --no-warn-conflicts -r $(VENV)/rewards-requirements.txt
 	touch $@
 
-test: install
+lint: install
+	$(PY) -m ruff check .
+
+test: install lint
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
 
 test-fast: install
