@@ -35,7 +35,7 @@ def ray_cluster():
     import ray
 
     # Local, loopback-only, no dashboard: the test cluster is private to this process tree.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="tests",
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="tests",
              runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
     yield ray
     ray.shutdown()
