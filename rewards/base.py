@@ -15,6 +15,7 @@ endpoint) are bound with `functools.partial` from the reward spec's `args`.
 """
 from __future__ import annotations
 
+import contextvars
 import importlib
 import inspect
 import math
@@ -23,6 +24,7 @@ import os
 import re
 import threading
 from collections import Counter
+from contextlib import contextmanager
 from typing import Callable
 
 from rewards.registry import Registry
@@ -68,14 +70,36 @@ def _fresh_lock_after_fork() -> None:
 os.register_at_fork(after_in_child=_fresh_lock_after_fork)
 
 
+# Where events go: the counter of the innermost `collect_events()` of this context (the scoring pool copies
+# the caller's context into its threads), else the process-wide EVENTS.
+_SINK: contextvars.ContextVar[Counter | None] = contextvars.ContextVar("reward_events", default=None)
+
+
+@contextmanager
+def collect_events():
+    """Count the events of this block apart from everything else running at the same time: the driver's
+    evaluation thread and the training step's scoring never see each other's events. Yields the counter."""
+    sink: Counter = Counter()
+    token = _SINK.set(sink)
+    try:
+        yield sink
+    finally:
+        _SINK.reset(token)
+
+
+def _counter() -> Counter:
+    sink = _SINK.get()
+    return EVENTS if sink is None else sink
+
+
 def record_event(scorer: str, reason: str, n: int = 1) -> None:
     with _EVENTS_LOCK:
-        EVENTS[f"{scorer}:{reason}"] += n
+        _counter()[f"{scorer}:{reason}"] += n
 
 
 def merge_events(events: dict[str, int]) -> None:
     with _EVENTS_LOCK:
-        EVENTS.update(events)
+        _counter().update(events)
 
 
 def take_events() -> dict[str, int]:

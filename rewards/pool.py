@@ -14,6 +14,7 @@ batches over Ray actors that each hold a `ScoringPool`.
 """
 from __future__ import annotations
 
+import contextvars
 import functools
 import multiprocessing as mp
 import os
@@ -25,7 +26,16 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from rewards.base import EVENTS, ScorerError, call_scorer, get_scorer, merge_events, record_event, take_events
+from rewards.base import (
+    _SINK,
+    EVENTS,
+    ScorerError,
+    call_scorer,
+    collect_events,
+    get_scorer,
+    merge_events,
+    record_event,
+)
 from rewards.spec import RewardSpec
 
 
@@ -38,7 +48,8 @@ class CallResult:
 
 def _child(conn, fn, args, kwargs):
     os.setpgrp()  # so a scorer's own subprocesses die with it
-    EVENTS.clear()  # the child's events travel back to the parent with the result
+    _SINK.set(None)  # the child counts into its own EVENTS, which travel back to the parent with the result
+    EVENTS.clear()
     try:
         conn.send((True, fn(*args, **kwargs), dict(EVENTS)))
     except ScorerError as exc:  # a contract violation is a bug to surface, not a sample to skip
@@ -133,19 +144,22 @@ class ScoringPool:
             return [None]
         # Isolate the culprit(s): one child per completion, in parallel threads.
         one = lambda i: self.run_scorer(name, args, [completions[i]], {k: [v[i]] for k, v in rows.items()})  # noqa: E731
-        return [s for part in self._threads.map(one, range(len(completions))) for s in part]
+        futures = [self._threads.submit(contextvars.copy_context().run, one, i) for i in range(len(completions))]
+        return [s for f in futures for s in f.result()]
 
     def score(self, spec: RewardSpec, completions: list[str], rows: dict[str, list]) -> list[dict[str, float | None]]:
         """One reward vector (dimension -> score or None) per completion; dimensions scored concurrently."""
-        futures = {d.name: self._threads.submit(self.run_scorer, d.scorer, d.args, completions, rows) for d in spec.dimensions}
+        # Each thread runs in a copy of the caller's context: its events reach the caller's collect_events().
+        futures = {d.name: self._threads.submit(contextvars.copy_context().run, self.run_scorer, d.scorer, d.args, completions, rows)
+                   for d in spec.dimensions}
         cols = {name: f.result() for name, f in futures.items()}
         return [{name: cols[name][i] for name in cols} for i in range(len(completions))]
 
     def score_remote(self, spec: RewardSpec, completions: list[str], rows: dict[str, list]):
         """`score` plus the events it counted, for a caller in another process (a Ray actor's client)."""
-        take_events()
-        vectors = self.score(spec, completions, rows)
-        return vectors, take_events()
+        with collect_events() as events:
+            vectors = self.score(spec, completions, rows)
+        return vectors, dict(events)
 
 
 class RayScoringPool:

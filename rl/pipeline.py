@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import torch
 
@@ -52,8 +52,13 @@ def agent_metrics(samples: list[Sample]) -> dict:
 
 
 def score(samples: list[Sample], specs: dict, pool, tokenizer) -> dict:
-    """Fill `rewards` (per dimension) and `reward` (scalar; None = abstained) of every sample."""
+    """Fill `rewards` (per dimension) and `reward` (scalar; None = abstained) of every sample. Returns the
+    reward metrics and this call's scoring events (`events/<scorer>:<reason>`), counted apart from any other
+    scoring running at the same time (an evaluation thread in async mode)."""
+    from rewards import collect_events
+
     by_domain: dict[str, list[Sample]] = defaultdict(list)
+    counted: Counter = Counter()
     for s in samples:
         if s.status in (Status.COMPLETED, Status.TRUNCATED):
             s.text = tokenizer.decode(_scored_ids(s), skip_special_tokens=True)
@@ -67,9 +72,12 @@ def score(samples: list[Sample], specs: dict, pool, tokenizer) -> dict:
         cols["completion_ids"] = [_scored_ids(s) for s in group]
         cols["num_tokens"] = [len(s.response_ids) for s in group]
         cols["truncated"] = [s.status is Status.TRUNCATED for s in group]
-        for s, vec in zip(group, pool.score(spec, [s.text for s in group], cols)):
+        with collect_events() as events:
+            vectors = pool.score(spec, [s.text for s in group], cols)
+        for s, vec in zip(group, vectors):
             s.rewards, s.reward = vec, spec.combine(vec)
-    return reward_metrics(samples, specs)
+        counted.update(events)
+    return {**reward_metrics(samples, specs), **{f"events/{k}": v for k, v in sorted(counted.items())}}
 
 
 def _scored_ids(s: Sample) -> list[int]:

@@ -74,6 +74,30 @@ def test_timeout_works_in_a_worker_thread():
     assert not th.is_alive() and [v["len"] for v in result["out"]] == [2.0, None, 4.0]
 
 
+def test_concurrent_scoring_counts_its_own_events():
+    """Two scoring calls at once (the training step's and an evaluation thread's): each collect_events()
+    sees exactly its own events, including those counted in the pool's threads and forked children, and the
+    process-wide counter sees none of them."""
+    rewards.take_events()
+    spec = parse_spec("t", {"x": {"scorer": CRASHY}})
+    pool, got = ScoringPool(timeout_s=5), {}
+    barrier = threading.Barrier(2)
+
+    def run(name: str, completions: list[str]) -> None:
+        with rewards.collect_events() as events:
+            barrier.wait()
+            pool.score(spec, completions, {})
+        got[name] = dict(events)
+
+    threads = [threading.Thread(target=run, args=("train", ["a", "boom", "boom"])), threading.Thread(target=run, args=("eval", ["boom"]))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert got == {"train": {f"{CRASHY}:exception": 2}, "eval": {f"{CRASHY}:exception": 1}}
+    assert rewards.take_events() == {}
+
+
 def test_scorer_exception_is_none_and_counted():
     rewards.take_events()
     spec = parse_spec("t", {"x": {"scorer": CRASHY}})
