@@ -128,13 +128,26 @@ def _env() -> dict:
 
 @pytest.fixture(scope="module")
 def two_nodes():
+    """The two-node cluster, its files under a private RAY_TMPDIR: Ray writes the address of the last cluster
+    started to $RAY_TMPDIR/ray/ray_current_cluster, and a plain `ray.init()` (other tests, other processes on
+    this machine) would attach to this cluster if that were /tmp/ray."""
+    import shutil
+
     from ray.cluster_utils import Cluster
 
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"node_a": 1}, "include_dashboard": False})
-    c.add_node(num_cpus=2, resources={"node_b": 1})
-    c.wait_for_nodes()
+    private = tempfile.mkdtemp(prefix="rn", dir="/tmp")  # short: Ray's socket paths have a length limit
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_TMPDIR", private)
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"node_a": 1},
+                                                          "include_dashboard": False})
+        c.add_node(num_cpus=2, resources={"node_b": 1})
+        c.wait_for_nodes()
+    c.private_tmp = private
     yield c
-    c.shutdown()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_TMPDIR", private)
+        c.shutdown()
+    shutil.rmtree(private, ignore_errors=True)
 
 
 def _weight_files(*roots) -> set[str]:
@@ -144,19 +157,18 @@ def _weight_files(*roots) -> set[str]:
 @pytest.mark.slow
 def test_two_grpo_steps_learner_on_a_engine_on_b_tensor_sync(two_nodes, tmp_path):
     run, out, check = tmp_path / "run", tmp_path / "record.json", tmp_path / "check"
-    elsewhere = ("/dev/shm", tempfile.gettempdir() + "/ray")
-    before = _weight_files(*elsewhere)
+    before = _weight_files(two_nodes.private_tmp)  # the cluster's own dir: objects spilled to disk would be there
     res = subprocess.run([sys.executable, "-c", DRIVER, str(out), str(check), *RUN, f"trainer.run_dir={run}",
                           f"cluster.address={two_nodes.address}"], cwd=ROOT, env=_env(), capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rec = json.loads(out.read_text())
-    assert "trainer.weight_sync=object_store" in res.stdout  # auto, engines on CPU
-    assert rec["transport"] == "object_store" and rec["syncs"] == [1, 2] and rec["engine_version"] == 2
+    assert "trainer.weight_sync=object_store" in res.stdout, res.stdout[-2000:]  # auto, engines on CPU
+    assert (rec["transport"], rec["syncs"], rec["engine_version"]) == ("object_store", [1, 2], 2), rec
 
     # Placement: the learner on node_a, the engines (and the fresh one) on node_b.
-    assert rec["learner_node"] == rec["node_of"]["node_a"]
-    assert set(rec["engine_nodes"]) == {rec["node_of"]["node_b"]}
+    assert rec["learner_node"] == rec["node_of"]["node_a"], rec
+    assert set(rec["engine_nodes"]) == {rec["node_of"]["node_b"]}, rec
 
     # The synced engine is the learner: same tokens and log-probs as a fresh engine loaded from its weights.
     for name, (synced, fresh) in rec["runs"].items():
@@ -164,14 +176,15 @@ def test_two_grpo_steps_learner_on_a_engine_on_b_tensor_sync(two_nodes, tmp_path
         assert max(abs(a - b) for (_, x), (_, y) in zip(synced, fresh) for a, b in zip(x, y)) < 1e-6, name
 
     # No weight file for the sync: the learner exported only the final model (and our check), no engine loaded a
-    # checkpoint, and nothing appeared in the run dir's sync folder, /dev/shm or Ray's temp dir.
-    assert rec["checkpoint_loads"] == 0
-    assert sorted(rec["exports"]) == sorted([str(check), str(run.resolve() / "final_model")])
+    # checkpoint (the only two ways a sync writes or reads weight files), no weights_sync folder in the run dir,
+    # and Ray spilled no object to disk. (/dev/shm and /tmp are shared with other processes on this machine.)
+    assert rec["checkpoint_loads"] == 0, rec
+    assert sorted(rec["exports"]) == sorted([str(check), str(run.resolve() / "final_model")]), rec["exports"]
     assert not (run / "weights_sync").exists()
-    assert _weight_files(*elsewhere) - before == set()
+    assert _weight_files(two_nodes.private_tmp) - before == set()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
-    assert all(r["train/mismatch_kl"] < 1e-6 for r in rows if "train/loss" in r)  # engine == learner at every step
+    steps = [(r["step"], r["train/mismatch_kl"]) for r in rows if "train/loss" in r]
+    assert [k for k, _ in steps] == [1, 2] and all(kl < 1e-6 for _, kl in steps), steps  # engine == learner each step
 
 
 @pytest.mark.slow

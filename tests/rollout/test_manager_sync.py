@@ -4,7 +4,6 @@ same weights. The tensor transports write no file."""
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -52,11 +51,13 @@ class _Learner:
 
     def __init__(self, ray, path: str):
         self.ray, self.actor = ray, ray.remote(num_cpus=0)(_Holder).remote(path)
+        self.exports = 0
 
     def push_weights(self, spec, engines, version):
         return self.ray.get(self.actor.push_weights.remote(spec, engines, version))
 
     def export_hf(self, out_dir, bucket_mb=512, version=None):
+        self.exports += 1
         return self.ray.get(self.actor.export_hf.remote(out_dir, bucket_mb, version))
 
 
@@ -98,10 +99,12 @@ def test_generate_sync_regenerate(ray_cluster, request, tmp_path, kind, engine, 
         before = _greedy(mgr, ray_cluster)
 
         new = perturbed_checkpoint(model_dir, tmp_path / "step1")
-        files = weight_files(tmp_path, "/dev/shm", tempfile.gettempdir() + "/ray")
-        sync(ray_cluster, mgr, new, transport, tmp_path / "weights_sync", version=1)
-        written = weight_files(tmp_path, "/dev/shm", tempfile.gettempdir() + "/ray") - files
-        assert bool(written) == (transport == "checkpoint"), written
+        files = weight_files(tmp_path)
+        ws = sync(ray_cluster, mgr, new, transport, tmp_path / "weights_sync", version=1)
+        # The checkpoint transport writes its export here (which shows that the check sees files); the tensor
+        # transports write nothing and never ask the learner for an export.
+        written = weight_files(tmp_path) - files
+        assert bool(written) == (transport == "checkpoint") == bool(ws.learner.exports), written
         after = _greedy(mgr, ray_cluster)
         assert all(s.policy_version == 1 for s in after)
         assert [s.response_ids for s in after] != [s.response_ids for s in before], "generation did not change"
