@@ -21,7 +21,10 @@ planned from the shapes alone; a sharded (FSDP2) learner gathers one tensor at a
 weights. Engine side: the reference engine copies those names into its transformers model; vLLM's
 `load_weights` wants the per-expert checkpoint names, which `checkpoint_names` makes as views (no copies).
 
-Measured on GPU in bench/gpu_weight_sync.py (time vs bytes, correctness against the learner's log-probs).
+Measured on GPU in bench/gpu_weight_sync.py (time vs bytes, correctness against the learner's log-probs). On CPU
+(2 cores, 85M-parameter dense model, 308 MB fp32, median of 5 interleaved syncs through `WeightSync`): object
+store 0.21 s vs checkpoint 0.71 s into the reference engine, 0.31 s vs 0.92 s into vLLM; with a 2-rank FSDP
+learner 0.81 s vs 1.42 s (one gloo all-gather per tensor).
 Not covered: tensor-parallel engines with ipc/nccl (every TP worker would join as the same rank; the config
 refuses it), object_store into vLLM's multiprocess engine (its worker is not a Ray worker: on GPU use ipc or
 nccl), fused expert tensors into vLLM (newer vLLM accepts them, which would save the per-expert
