@@ -192,6 +192,7 @@ class Learner:
         batch = collate(samples, use_sampling_mask=self.cfg.keep_sampling_mask)
         with self._routing(self.routing, batch, True) as routed:
             logp, _ = self._forward(self.model, self.routing, batch, True, routed)
+        _reshard(self.model)
         return [logp[b][batch.loss_mask[b] > 0].tolist() for b in range(len(samples))]
 
     @torch.no_grad()
@@ -201,7 +202,9 @@ class Learner:
         ratio uses, so it measures how far the weights moved, not router or truncation noise; at step 0
         (reference == policy) it is exactly 0 (tests/rl/test_learner.py)."""
         with self._routing(self.ref_routing, mb, True) as routed:
-            return self._forward(self.ref, self.ref_routing, mb, True, routed)[0]
+            logp = self._forward(self.ref, self.ref_routing, mb, True, routed)[0]
+        _reshard(self.ref)
+        return logp
 
     # ------------------------------------------------------------------------------------------- step
     def reset_reference(self) -> None:
@@ -416,6 +419,14 @@ class Learner:
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _reshard(model) -> None:
+    """After a forward with no backward: FSDP2 keeps the root module's parameters unsharded after forward
+    (for the backward that usually follows), and a later state-dict load then meets plain tensors where it
+    expects DTensors ("mixed torch.Tensor and DTensor")."""
+    if hasattr(model, "reshard"):
+        model.reshard()
 
 
 def _without_loss(mb: TrainBatch) -> TrainBatch:
