@@ -421,6 +421,7 @@ def validate(cfg: Config) -> None:
     _check(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
     _check(math.isfinite(t.lr), "trainer.lr", "must be finite")
     _check(d.prompts_per_step >= 1, "data.prompts_per_step", "must be >= 1")
+    _check(d.num_proc is None or d.num_proc >= 1, "data.num_proc", f"must be >= 1, got {d.num_proc}")
     if cfg.model.dsa_top_k is not None:
         _check(cfg.model.dsa_top_k >= 1, "model.dsa_top_k", f"must be >= 1, got {cfg.model.dsa_top_k}")
         _check(r.engine == "reference", "rollout.engine", "DSA models run on the reference engine (vLLM has no DSA for them)")
@@ -433,6 +434,7 @@ def validate(cfg: Config) -> None:
     except SpecError as exc:
         raise ConfigError(str(exc)) from None
     _check(bool(specs), "rewards", "at least one domain's reward spec is required")
+    _check(d.domain is None or d.domain in specs, "data.domain", f"domain {d.domain!r} has no reward spec (rewards: {sorted(specs)})")
     validate_agent(cfg, specs)
     validate_specialists(cfg, specs)
 

@@ -1,7 +1,8 @@
 """Weight hand-off from the learner to the engines as HF checkpoints, written atomically.
 
-The CPU transport: the learner writes a HF checkpoint (sharded safetensors, `bucket_mb` per shard) into a
-directory under /dev/shm (RAM), renames it into place, and every engine loads it (`update_weights`). The
+The checkpoint transport (the fallback of `rl.components.weight_sync`, and the final export): the learner
+writes a HF checkpoint (sharded safetensors, `bucket_mb` per shard) into the run dir (storage every node
+sees), renames it into place, and every engine loads it (`update_weights`). The
 rename makes the hand-off atomic: an engine never sees half a checkpoint. The HF format (rather than raw
 state-dict names) is what vLLM's loaders and transformers both read; transformers' `save_pretrained`
 converts fused in-memory layouts (MoE experts) to the checkpoint names.
@@ -15,12 +16,6 @@ from pathlib import Path
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json")
 
-
-def default_sync_root() -> Path:
-    """/dev/shm when it exists (RAM-backed: the 'copy' is a memcpy), else the temp dir."""
-    import tempfile
-
-    return Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 
 
 def export_hf_checkpoint(model, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,

@@ -49,6 +49,8 @@ def test_every_group_option_composes(group, option, tiny_dense):
         (["agent.max_context=100000"], r"^agent.max_context: must be in \(0, rollout.max_model_len=512\]"),
         (["agent.tool_context={shell: {}}"], r"^agent.tool_context.shell: unknown tool"),
         (["rollout.temperature=0"], r"^rollout.temperature: must be > 0 for training"),
+        (["data.num_proc=0"], r"^data.num_proc: must be >= 1"),
+        (["data.domain=poetry"], r"^data.domain: domain 'poetry' has no reward spec"),
         (["rollout.top_k=-1"], r"^rollout.top_k: must be >= 0"),
         (["rollout.gpu_memory_utilization=1.5"], r"^rollout.gpu_memory_utilization: must be in \(0, 1\]"),
         (["trainer.param_dtype=fp8"], r"^trainer.param_dtype: auto \| float32 \| bfloat16"),
