@@ -176,7 +176,7 @@ def setup(cfg: Config, for_eval: bool = False) -> Setup:
         from rl.data import load_prompts
 
         return load_prompts(path, tok, specs, room, cfg.data.skip_bad_rows, cfg.data.system_prompt,
-                            data_cfg=cfg.data, which=which)
+                            data_cfg=cfg.data, which=which, template_args=cfg.agent.template_args)
 
     train = [] if for_eval else load(cfg.data.train, "train")[0]
     evals = load(cfg.data.eval, "eval")[0][: cfg.eval.max_prompts] if cfg.data.eval else []

@@ -117,6 +117,7 @@ class AgentConfig:
     parallel: int = 4  # parallel_fewest_steps: candidates per episode
     summary_tokens: int = 64
     tool_context: dict = field(default_factory=dict)  # tool -> fixed arguments, e.g. {python: {timeout_s: 5}}
+    template_args: dict = field(default_factory=dict)  # chat-template arguments for prompts and episodes, e.g. {enable_thinking: false}
 
 
 @dataclass(frozen=True)
@@ -546,7 +547,7 @@ def agent_runner(cfg: Config, tokenizer):
         tools[tool] = {**tools.get(tool, {}), **kw}
     ecfg = EpisodeConfig(max_turns=g.max_turns, max_context=g.max_context or cfg.rollout.max_model_len,
                          trigger=g.context_trigger, strategy=g.context_strategy, parallel=g.parallel,
-                         summary_tokens=g.summary_tokens, tool_context=tools)
+                         summary_tokens=g.summary_tokens, tool_context=tools, template_args=dict(g.template_args))
     return AgentRunner(tokenizer, ecfg, tuple(g.domains))
 
 

@@ -165,9 +165,10 @@ def row_problem(row: dict, specs: dict) -> str | None:
     return None
 
 
-def encode_prompt(tokenizer, row: dict, system_prompt: str | None = None) -> list[int]:
-    """The row's prompt through the chat template; a row's `tools` (names in `rollout.agent.TOOLS`) are
-    listed in the system turn as the template renders them."""
+def encode_prompt(tokenizer, row: dict, system_prompt: str | None = None, template_args: dict | None = None) -> list[int]:
+    """The row's prompt through the chat template with `template_args` (`agent.template_args`, e.g.
+    `enable_thinking`); a row's `tools` (names in `rollout.agent.TOOLS`) are listed in the system turn as the
+    template renders them."""
     from rollout.agent import TOOLS
     from rollout.chat import encode_chat
 
@@ -175,17 +176,18 @@ def encode_prompt(tokenizer, row: dict, system_prompt: str | None = None) -> lis
     if system_prompt and msgs[0]["role"] != "system":
         msgs = [{"role": "system", "content": system_prompt}] + msgs
     tools = [TOOLS.get(t).spec() for t in row["tools"]] if row.get("tools") else None
-    return encode_chat(tokenizer, msgs, tools=tools)
+    return encode_chat(tokenizer, msgs, tools=tools, **(template_args or {}))
 
 
 def load_prompts(path: str, tokenizer, specs: dict, max_prompt_tokens: int, skip_bad_rows: bool,
-                 system_prompt: str | None = None, *, data_cfg=None, which: str = "train") -> tuple[list[Prompt], list[str]]:
+                 system_prompt: str | None = None, *, data_cfg=None, which: str = "train",
+                 template_args: dict | None = None) -> tuple[list[Prompt], list[str]]:
     """Validated, tokenised prompts of `path` and the skipped rows' reasons (empty unless skipping).
 
     `data_cfg` (an `rl.config.DataConfig`) brings the split, subset, column mapping, default domain and
     `num_proc`; `which` ('train' | 'eval') picks `data.split` or `data.eval_split` and the key named in
-    errors. Tokenisation is a `Dataset.map`, so a second run on the same data and tokenizer reads datasets'
-    cache instead of tokenising again."""
+    errors; `template_args` go to the chat template. Tokenisation is a `Dataset.map`, so a second run on the
+    same data and tokenizer reads datasets' cache instead of tokenising again."""
     d = data_cfg
     split = (d.split if which == "train" else d.eval_split) if d is not None else "train"
     ds = load_source(path, split, d.subset if d else None, key=f"data.{which}")
@@ -200,7 +202,8 @@ def load_prompts(path: str, tokenizer, specs: dict, max_prompt_tokens: int, skip
                                   _PROBLEM: datasets.Value("string")})
     ds = ds.map(_check_and_encode, num_proc=(d.num_proc if d else None), desc="tokenising prompts", features=features,
                 fn_kwargs={"tokenizer": tokenizer, "specs": specs, "max_prompt_tokens": max_prompt_tokens,
-                           "system_prompt": system_prompt, "code": _encoding_code()})
+                           "system_prompt": system_prompt, "template_args": dict(template_args or {}),
+                           "code": _encoding_code()})
     prompts, skipped = [], []
     for i, row in enumerate(ds, 1):
         ids, problem = row.pop(_IDS), row.pop(_PROBLEM)
@@ -220,12 +223,12 @@ def load_prompts(path: str, tokenizer, specs: dict, max_prompt_tokens: int, skip
 
 
 def _check_and_encode(row: dict, tokenizer, specs: dict, max_prompt_tokens: int, system_prompt: str | None,
-                      code: str = "") -> dict:
+                      template_args: dict | None = None, code: str = "") -> dict:
     """The map function: the row's token ids, or why it cannot be used. (`code` only keys the cache.)"""
     problem, ids = row_problem(row, specs), []
     if problem is None:
         try:
-            ids = encode_prompt(tokenizer, row, system_prompt)
+            ids = encode_prompt(tokenizer, row, system_prompt, template_args)
         except Exception as exc:  # noqa: BLE001  a template that rejects the row is the row's problem
             problem = f"the chat template cannot render the prompt ({type(exc).__name__}: {exc})"
         else:

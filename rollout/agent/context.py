@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable
 
 from rewards.registry import Registry
-from rollout.agent.episode import SUMMARY_PREFIX, SUMMARY_REQUEST, Episode, EpisodeConfig, _Segment
+from rollout.agent.episode import SUMMARY_PREFIX, Episode, EpisodeConfig, _Segment
 from rollout.sample import Sample, Status
 
 if TYPE_CHECKING:
@@ -82,15 +82,15 @@ for _keep in (discard_75, discard_all):
 
 @dataclass(frozen=True)
 class Summary(ContextStrategy):
-    """Ask the policy for a summary (`SUMMARY_REQUEST`, at most `summary_tokens`), then restart from the
-    question + `SUMMARY_PREFIX` + the summary's tokens. An episode with no room left to ask ends there."""
+    """Ask the policy for a summary (a `SUMMARY_REQUEST` user turn in place of the last generation prompt, at
+    most `summary_tokens`), then restart from the question + `SUMMARY_PREFIX` + the summary's tokens. An
+    episode with no room left to ask ends there."""
 
     def manage(self, runner, generate_fn, full, sampling, turn):
         cfg = runner.cfg
-        request = runner.encode(SUMMARY_REQUEST)
         asks: dict[int, list] = {}
         for e in full:
-            ask = e.stream + request
+            ask = runner.summary_ask(e.stream)
             room = min(cfg.summary_tokens, cfg.max_context - len(ask))
             if room < 8:
                 e.finish(Status.TRUNCATED, "context")

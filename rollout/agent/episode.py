@@ -40,12 +40,12 @@ class EpisodeConfig:
     parallel: int = 4  # parallel_fewest_steps: candidates per episode
     summary_tokens: int = 64  # summary: the budget of the summary turn
     tool_context: dict = field(default_factory=dict)  # tool name -> fixed keyword arguments (root, timeout_s)
+    template_args: dict = field(default_factory=dict)  # chat-template keyword arguments, e.g. {enable_thinking: False}
 
 
-SUMMARY_REQUEST = ("<|im_start|>user\nThe context is nearly full. Summarise the work so far: the facts found and "
-                   "what remains to do. Do not call tools.<|im_end|>\n<|im_start|>assistant\n")
+SUMMARY_REQUEST = ("The context is nearly full. Summarise the work so far: the facts found and what remains to do. "
+                   "Do not call tools.")  # a user message, rendered by the chat template
 SUMMARY_PREFIX = "Summary of my work so far: "
-TOOL_TURN = "<|im_start|>tool\n<tool_response>\n{}\n</tool_response><|im_end|>\n"
 
 
 @dataclass

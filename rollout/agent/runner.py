@@ -5,6 +5,11 @@ Deviations and limits:
 - A model turn counts as one step; `max_turns` bounds the model turns of an episode, including those
   after a reset (otherwise `discard_all` could loop forever).
 - On a tool-result token the sampling mask is the token itself and nothing is trained there.
+- The tokens appended after a model turn come from the tokenizer's own chat template (`rollout.chat.continuation`
+  on a stand-in conversation: a user turn, an assistant turn with reasoning and the calls, then the results),
+  with `cfg.template_args` (e.g. `enable_thinking`): tool results go where the template puts them (Qwen3: one
+  user turn of `<tool_response>` blocks). This assumes the template renders a tool result independently of
+  the earlier turns' text, and that the model's turn ends with `tokenizer.eos_token` as the template writes it.
 """
 from __future__ import annotations
 
@@ -13,8 +18,9 @@ import re
 from dataclasses import replace
 
 from rollout.agent.context import CONTEXT_STRATEGIES
-from rollout.agent.episode import TOOL_TURN, Episode, EpisodeConfig
+from rollout.agent.episode import SUMMARY_REQUEST, Episode, EpisodeConfig
 from rollout.agent.tools import call_tool
+from rollout.chat import continuation
 from rollout.sample import Sample, Status
 
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
@@ -31,10 +37,33 @@ class AgentRunner:
     def encode(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
+    def _turn(self, n_calls: int, reasoning: str | None = "?") -> list[dict]:
+        """A stand-in conversation ending in a model turn with `n_calls` tool calls (its text is cut off: only
+        what the template appends after it is used). With reasoning, Qwen3-style templates (an empty think
+        block on a last assistant turn without it) stay append-only when the tool results follow."""
+        call = {"type": "function", "function": {"name": "tool", "arguments": {}}}
+        turn = {"role": "assistant", "content": "", "tool_calls": [call] * n_calls}
+        return [{"role": "user", "content": "?"}, turn | ({"reasoning_content": reasoning} if reasoning else {})]
+
     def tool_tokens(self, results: list[str]) -> list[int]:
-        """Tool results exactly as the chat template renders them, then the next assistant header. The model's
-        turn ended with <|im_end|>; the template puts a newline after it."""
-        return self.encode("\n" + "".join(TOOL_TURN.format(r) for r in results) + "<|im_start|>assistant\n")
+        """Tool results as the chat template renders them after the model's turn (which ended with its stop
+        token), then the next generation prompt."""
+        tools = [{"role": "tool", "content": r} for r in results]
+        return self.encode(continuation(self.tok, self._turn(len(results)), tools, self.cfg.template_args))
+
+    def summary_ask(self, stream: list[int]) -> list[int]:
+        """`stream` (ending with tool results and the generation prompt) with the generation prompt replaced by
+        the `SUMMARY_REQUEST` user turn and a new generation prompt, as the chat template renders them.
+
+        The request is a new user message, after which the retention rule (and Qwen3's template) would drop
+        the earlier turns' reasoning; the stream's tokens are kept as they are instead (the summary is of
+        that work, and the stream is never re-rendered), so the stand-in turn has no reasoning to drop."""
+        convo, args = self._turn(1, reasoning=None) + [{"role": "tool", "content": "?"}], self.cfg.template_args
+        header = self.encode(continuation(self.tok, convo, [], args))
+        if stream[len(stream) - len(header):] != header:
+            raise ValueError(f"the episode's context does not end with the generation prompt {self.tok.decode(header)!r}")
+        request = continuation(self.tok, convo, [{"role": "user", "content": SUMMARY_REQUEST}], args)
+        return stream[: len(stream) - len(header)] + self.encode(request)
 
     def run(self, generate_fn, prompts: list[list[int]], sampling) -> list[Sample]:
         """n = sampling.n episodes per prompt; returns n Samples per prompt, ordered by prompt, with

@@ -123,15 +123,16 @@ CODE = {"code": "print(7 ** 150)"}
 
 def looping_script(text: str) -> str:
     """Calls the python tool forever (fills the context); writes a summary when asked for one."""
-    if text.rstrip().endswith(SUMMARY_REQUEST.rstrip()):
+    if SUMMARY_REQUEST in text:
         return "7 ** 150 has 127 digits; still need the answer"
     return tool_call_text("python", CODE)
 
 
-def run_scripted(tok, strategy, n=1, max_context=600, max_turns=10, script=looping_script, parallel=3):
+def run_scripted(tok, strategy, n=1, max_context=600, max_turns=10, script=looping_script, parallel=3, template_args=None):
     engine = ScriptedPolicy(tok, script)
-    cfg = EpisodeConfig(max_turns=max_turns, max_context=max_context, strategy=strategy, parallel=parallel)
-    prompt = encode_chat(tok, [{"role": "user", "content": QUESTION}], tools=[TOOLS.get("python").spec()])
+    cfg = EpisodeConfig(max_turns=max_turns, max_context=max_context, strategy=strategy, parallel=parallel,
+                        template_args=template_args or {})
+    prompt = encode_chat(tok, [{"role": "user", "content": QUESTION}], tools=[TOOLS.get("python").spec()], **cfg.template_args)
     samples = AgentRunner(tok, cfg).run(engine.generate, [prompt], SamplingConfig(n=n, max_tokens=64, seed=0))
     return prompt, samples, engine
 
@@ -203,7 +204,7 @@ def test_summary_restarts_from_question_and_summary(tiny_dense):
     tok = AutoTokenizer.from_pretrained(tiny_dense)
     prompt, [s], engine = run_scripted(tok, "summary", max_context=800)
     assert s.tool_stats["context/summary"] >= 1 and trained_runs_were_seen(s, engine.prompts)
-    asks = [seg for seg in s.segments if tok.decode(seg.prompt_ids).endswith(SUMMARY_REQUEST)]
+    asks = [seg for seg in s.segments if SUMMARY_REQUEST in tok.decode(seg.prompt_ids)]
     assert len(asks) == s.tool_stats["context/summary"]
     summary_ids = asks[0].response_ids[:-1]  # without <|im_end|>
     assert tok.decode(summary_ids) == "7 ** 150 has 127 digits; still need the answer"
