@@ -1,7 +1,22 @@
-"""Ray for the driver: start it in-process (loopback only) or attach to a running cluster."""
+"""Ray for the driver: start it in-process (loopback only) or attach to a running cluster.
+
+A private instance's processes must not outlive the driver. Ray starts gcs_server, raylet and its monitors
+with PR_SET_PDEATHSIG, and its workers exit when the raylet does, but the raylet's dashboard and runtime-env
+agents do not: after a kill -9 of the driver they hang for about a minute in a call to the dead GCS. A
+driver that is SIGKILLed cleans up nothing, so a watchdog process (`watch`, in its own session so that a
+Ctrl-C or a kill of the driver's process group does not reach it) waits for the driver's exit and kills
+every process of the Ray session: those naming its session dir or holding a file under it (Ray's daemons
+name it on their command line, and every worker and agent, and what they fork, has its logs there open).
+"""
 from __future__ import annotations
 
 import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
 from contextlib import contextmanager
 
 
@@ -21,17 +36,87 @@ def ray_session(cluster):
         return
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {"env_vars": {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}}
+    on_sigterm, watchdog = signal.getsignal(signal.SIGTERM), None
     if cluster.address is None:
         # address="local": a new private instance even when `ray start` left a cluster on this machine (a bare
         # ray.init() would join it, with its own resources and lifetime).
-        ray.init(address="local", num_cpus=cluster.num_cpus, include_dashboard=False, log_to_driver=False,
-                 _node_ip_address=cluster.host, runtime_env=env)
+        info = ray.init(address="local", num_cpus=cluster.num_cpus, include_dashboard=False, log_to_driver=False,
+                        _node_ip_address=cluster.host, runtime_env=env)
+        watchdog = subprocess.Popen([sys.executable, "-m", "rl.cluster", str(os.getpid()), info.address_info["session_dir"]],
+                                    env={**os.environ, "PYTHONPATH": env["env_vars"]["PYTHONPATH"]},
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
     else:
         ray.init(address=cluster.address, log_to_driver=False, runtime_env=env)
+    if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)  # ray.init replaced the caller's handler (rl.train's stop) with its own
     try:
         yield ray
     finally:
         ray.shutdown()
+        if watchdog is not None:  # the driver lives on: nothing to clean
+            watchdog.kill()
+            watchdog.wait()
+
+
+def watch(driver: int, session_dir: str) -> int:
+    """The watchdog's body: wait until `driver` exits, then SIGKILL every process of the Ray session in
+    `session_dir` (a repeated sweep: one may be forking as it is killed). Returns how many were killed."""
+    try:
+        select.select([os.pidfd_open(driver)], [], [])  # readable once it has exited
+    except ProcessLookupError:  # gone before we looked
+        pass
+    except OSError:  # no pidfd (Linux < 5.3): poll; a zombie has exited too
+        while _state(driver) not in ("", "Z"):
+            time.sleep(0.5)
+    killed: set[int] = set()
+    for _ in range(20):  # until a sweep finds none (about 5 s at most)
+        found = [pid for pid in _processes() if pid not in killed and _in_session(pid, session_dir)]
+        if not found:
+            break
+        for pid in found:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.25)
+    if killed:
+        print(f"rl.cluster watchdog: the driver (pid {driver}) exited without stopping Ray; killed {len(killed)} "
+              f"processes of {session_dir}", file=sys.stderr)
+    return len(killed)
+
+
+def _state(pid: int) -> str:
+    """The process's state letter from /proc (R, S, Z, ...), "" when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0]
+    except OSError:
+        return ""
+
+
+def _processes() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit() and int(name) != os.getpid()]
+
+
+def _in_session(pid: int, session_dir: str) -> bool:
+    """Does the process name `session_dir` on its command line or hold a file under it open? (A zombie does
+    neither: it is dead already.)"""
+    inside = session_dir.rstrip("/") + "/"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if any(inside.encode() in arg + b"/" for arg in f.read().split(b"\0")):  # the dir or a path under it
+                return True
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:  # gone, or another user's
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(inside):
+                return True
+        except OSError:
+            pass
+    return False
 
 
 def _sees(marker: str, token: str, node_id: str) -> bool:
@@ -80,3 +165,7 @@ def check_shared_dir(path: str, key: str) -> None:
         raise ConfigError(f"{key}: '{root}' is not storage every node sees (nodes {bad} do not see the driver's "
                           "files there); the run dir holds the model init, weight-sync checkpoints and checkpoints "
                           "that every node reads: put it on a file system mounted at the same path on every node")
+
+
+if __name__ == "__main__":  # the watchdog: python -m rl.cluster DRIVER_PID SESSION_DIR
+    watch(int(sys.argv[1]), sys.argv[2])

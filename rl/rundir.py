@@ -10,6 +10,9 @@
 - Checkpoints are numbered (`checkpoints/step_N`, each written atomically by the learner: temp dir, COMPLETE
   marker, rename); `checkpoints/latest` is a relative symlink swapped atomically to the newest, and the newest
   `trainer.keep_checkpoints` are kept (`point_latest`). `repair` finishes what a crash interrupted.
+- The checkpoint weight transport's directory (`weights_sync`, rl.components.weight_sync) lives in the run
+  dir, so the run dir's lock makes it the run's own; it is removed when the run ends, however it ends, and
+  a leftover of a killed run when the next run starts (`remove_weight_sync`).
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ RESUMABLE = ("trainer.steps", "trainer.eval_every", "trainer.save_every", "train
              "trainer.learner_resources", "trainer.placement", "trainer.weight_sync", "trainer.sync_bucket_mb",
              "rollout.engine_cpus", "rollout.engine_gpus", "rollout.engine_resources", "rollout.gpu_memory_utilization",
              "rollout.enforce_eager", "data.num_proc", "logging.", "cluster.")
-KEEP_IN_PLACE = ("model_init", ".lock", "weights_sync", ".weights_sync")  # not an earlier run's results
+KEEP_IN_PLACE = ("model_init", ".lock")  # not an earlier run's results
 _STEP = re.compile(r"^step_(\d+)$")
 
 
@@ -94,6 +97,7 @@ def prepare(run_dir: Path, cfg, config_yaml: str) -> bool:
     an earlier run's files aside when it does not, check and record the config. Returns `resume`."""
     for note in repair(run_dir):
         print(f"checkpoint recovery: {note}", file=sys.stderr)
+    remove_weight_sync(run_dir)  # a killed run's: nothing reads it any more
     resume = (latest(run_dir) / "COMPLETE").is_file()
     if resume:
         check_config(run_dir, config_yaml, cfg.trainer.allow_config_change)
@@ -119,6 +123,13 @@ def set_aside(run_dir: Path) -> Path | None:
         if p != dest and not p.name.startswith(KEEP_IN_PLACE) and not p.name.startswith("previous-"):
             p.rename(dest / p.name)
     return dest
+
+
+def remove_weight_sync(run_dir: Path) -> None:
+    """Remove the checkpoint transport's directory and its half-written or replaced siblings
+    (`.weights_sync.tmp-<pid>`, `.weights_sync.old`: rollout.weights.replace_dir)."""
+    for p in [run_dir / "weights_sync", *run_dir.glob(".weights_sync.*")]:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def check_config(run_dir: Path, config_yaml: str, allow: bool) -> None:

@@ -7,21 +7,26 @@
 collect step k+1 after step k's weights reached the engines; async: while step k trains, staleness 1,
 bounded by `trainer.max_staleness`: older samples are dropped and counted); `_loop` is the loop. The run
 dir's rules (one run at a time, nothing wiped, config.yaml, numbered checkpoints) are `rl.rundir`'s.
+SIGINT/SIGTERM stop the run at the next step boundary with a checkpoint (`Stop`).
 """
 from __future__ import annotations
 
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from rl import components, pipeline, rundir
-from rl.eval import evaluate_setup as evaluate
 from rl.cluster import ray_session
 from rl.components import Setup, setup
 from rl.config import AUTO_NOTES, Config, ConfigError, cli_parser, load_config, to_yaml
 from rl.data import DataError, PromptStream
+from rl.eval import evaluate_setup as evaluate
 from rl.learner import LearnerFailure
 from rl.rundir import RunDirError
 from rollout import progress
@@ -56,13 +61,57 @@ def collect(s: Setup, engines, stream: PromptStream, step: int) -> Batch:
     return Batch(samples, {**gen, **rew, **adv, **events, **timing}, stream.position, [p.source for p in prompts])
 
 
+class Stop:
+    """SIGINT and SIGTERM stop the run at the next step boundary: the handler only records the signal,
+    `_loop` reads it once a step (`check`), writes a checkpoint and leaves; the exit code is 128 + the
+    signal's number (130, 143), as if the signal had killed it, so a scheduler does not take the run for
+    finished. A second signal while stopping exits at once with that code: the last whole checkpoint is the
+    resume point and rl.cluster's watchdog ends the private Ray instance."""
+
+    def __init__(self):
+        self.signum: int | None = None  # the first signal received
+        self.step: int | None = None  # the step the run stopped after (checkpointed)
+        self._previous: dict = {}
+
+    def __enter__(self) -> Stop:
+        self.signum = self.step = None
+        if threading.current_thread() is threading.main_thread():  # signal.signal works only there
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            os._exit(128 + signum)
+        self.signum = signum
+        # os.write: print() from a handler can hit the main thread inside a print (reentrant call error)
+        os.write(2, f"{signal.Signals(signum).name}: stopping after this step with a checkpoint; send it again "
+                    "to exit at once\n".encode())
+
+    def check(self, step: int) -> bool:
+        """Called after `step`: stop here? (read once a step, so the checkpoint and the exit agree)"""
+        if self.signum is not None:
+            self.step = step
+        return self.step is not None
+
+
+STOP = Stop()
+
+
 class Prefetcher:
     """The scheduling of collection, in one place. Sync: step k+1's samples are collected after step k's
     weights reached the engines (on-policy). Async: collection of step k+1 starts as soon as step k's batch
-    is taken, so generation overlaps training and samples are one policy version stale."""
+    is taken, so generation overlaps training and samples are one policy version stale. Once `stop` has a
+    signal no next collection starts (the loop then stops after this step); one already running is waited
+    for by `close` and its samples dropped (the checkpoint's data position is before its prompts, so the
+    resumed run collects them: no prompt is lost or replayed)."""
 
-    def __init__(self, collect_fn, mode: str, steps: int):
-        self.collect_fn, self.mode, self.steps = collect_fn, mode, steps
+    def __init__(self, collect_fn, mode: str, steps: int, stop: Stop):
+        self.collect_fn, self.mode, self.steps, self.stop = collect_fn, mode, steps, stop
         self.pool = ThreadPoolExecutor(1)
         self.pending = None
 
@@ -73,12 +122,16 @@ class Prefetcher:
     def take(self, step: int) -> Batch:
         batch = self.pending.result()
         if self.mode == "async":
-            self.start(step + 1)  # generates while this step trains
+            self._next(step + 1)  # generates while this step trains
         return batch
 
     def weights_synced(self, step: int) -> None:
         if self.mode == "sync":
-            self.start(step + 1)
+            self._next(step + 1)
+
+    def _next(self, step: int) -> None:
+        if self.stop.signum is None:
+            self.start(step)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -155,9 +208,9 @@ def _loop(s: Setup, resume: bool, demos: dict):
     with ray_session(cfg.cluster):
         learner, engines = components.learner(cfg, s.model_path, s.kl_coefs), components.engines(cfg, s.model_path)
         first, tracker, stream = start(s, learner, engines, resume, demos)
-        prefetch = Prefetcher(lambda k: collect(s, engines, stream, k), cfg.trainer.mode, steps)
+        prefetch = Prefetcher(lambda k: collect(s, engines, stream, k), cfg.trainer.mode, steps, STOP)
         prefetch.start(first)
-        nonfinite, t_last = 0, time.time()
+        nonfinite, t_last, stopping = 0, time.time(), False
         for step in range(first, steps):
             batch = prefetch.take(step)
             row = {**batch.metrics, **train(learner, batch, step, cfg)}
@@ -170,12 +223,16 @@ def _loop(s: Setup, resume: bool, demos: dict):
             tracker.log(step + 1, row)
             tracker.log_consumed(step + 1, batch.sources)
             _progress(cfg, step + 1, row)
-            if due(cfg.trainer.save_every, step + 1, steps):
-                save(s, learner, step + 1, batch.position)
+            stopping = STOP.check(step + 1)
+            if due(cfg.trainer.save_every, step + 1, steps) or stopping:
+                save(s, learner, step + 1, batch.position)  # not stream.position: a collection may be in flight
+            if stopping:
+                break
         prefetch.close()
-        tracker.log(steps, {"_kind": "eval", **evaluate(s, engines)})
-        save(s, learner, steps, stream.position)  # nothing in flight
-        learner.export_hf(str(s.dir / "final_model"))
+        if not stopping:  # a stopped run ends at its checkpoint; the rerun does the rest
+            tracker.log(steps, {"_kind": "eval", **evaluate(s, engines)})
+            save(s, learner, steps, stream.position)  # nothing in flight
+            learner.export_hf(str(s.dir / "final_model"))
         learner.shutdown()
     return tracker
 
@@ -191,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RunDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    with held:
+    with held, STOP:
         return run(cfg)
 
 
@@ -215,7 +272,13 @@ def run(cfg: Config) -> int:
     except (RunError, LearnerFailure, StaleWeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        rundir.remove_weight_sync(s.dir)
     tracker.finish()
+    if STOP.step is not None:
+        print(f"stopped by {signal.Signals(STOP.signum).name} after step {STOP.step}: checkpoint at "
+              f"{rundir.step_dir(Path(cfg.trainer.run_dir), STOP.step)}; rerun the same command to resume", file=sys.stderr)
+        return 128 + STOP.signum
     keys = sorted({k for h in tracker.history for k in h if k.startswith(("reward/", "eval/", "train/kl", "train/opsm"))})
     print(summary_table(tracker.history, keys))
     print(f"run dir: {s.dir}  (metrics.jsonl, *.png, wandb/)")
