@@ -47,18 +47,15 @@ class Batch:
 
 def collect(s: Setup, engines, stream: PromptStream, step: int) -> Batch:
     """Prompts -> n samples each -> rewards -> advantages (runs in the prefetcher's thread)."""
-    from rewards import take_events
-
     t0, cfg = time.time(), s.cfg
     prompts = stream.next(cfg.data.prompts_per_step)
     sampling = components.sampling(cfg.rollout, seed=cfg.trainer.seed * 100_003 + step)
     samples, gen = pipeline.generate(engines, prompts, sampling, s.agent)
     t1 = time.time()
     rew = pipeline.score(samples, s.specs, s.pool, s.tok)
-    events = {f"events/{k}": v for k, v in take_events().items()}
     adv = pipeline.assign_advantages(samples, len(prompts), cfg.rollout.n, cfg.algo.advantage)
     timing = {"time/generate": t1 - t0, "time/score": time.time() - t1}
-    return Batch(samples, {**gen, **rew, **adv, **events, **timing}, stream.position, [p.source for p in prompts])
+    return Batch(samples, {**gen, **rew, **adv, **timing}, stream.position, [p.source for p in prompts])
 
 
 class Stop:

@@ -19,7 +19,7 @@ from rl.config import load_config
 from rl.learner import Learner, LearnerConfig, LearnerFailure, LearnerGroup
 from rl.train import Batch, RunError, check_budgets
 from rollout.sample import Sample, Status
-from rollout.weights import recover_dir, replace_dir
+from rollout.weights import recover_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = ["--config-name", "quickstart", "distill.enabled=false", "data.prompts_per_step=4", "rollout.n=4",
