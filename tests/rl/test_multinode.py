@@ -138,6 +138,9 @@ def two_nodes():
     private = tempfile.mkdtemp(prefix="rn", dir="/tmp")  # short: Ray's socket paths have a length limit
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RAY_TMPDIR", private)
+        # Explicitly without token authentication (the clients in _env() say so too): whether a Ray started
+        # earlier in this process (the test session's) left token mode on must not matter.
+        env.setenv("RAY_AUTH_MODE", "disabled")
         c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"node_a": 1},
                                                           "include_dashboard": False})
         c.add_node(num_cpus=2, resources={"node_b": 1})
