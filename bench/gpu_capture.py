@@ -50,7 +50,7 @@ def main() -> None:
     eng = VLLMEngine(EngineConfig(model=model_dir, dtype="bfloat16", max_model_len=512, enforce_eager=True,
                                   gpu_memory_utilization=0.3, enable_return_routed_experts=True, return_sampling_mask=True))
     t1 = time.time()
-    samples = eng.generate(prompts, sp)
+    samples = [s for g in eng.generate(prompts, sp) for s in g]
     t_gen = time.time() - t1
     mask_source = eng.mask_source
     del eng

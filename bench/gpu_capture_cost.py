@@ -45,7 +45,7 @@ def main() -> None:
     for rep in range(a.reps + 1):
         for k in (("captures", "none") if rep % 2 else ("none", "captures")):
             t0 = time.time()
-            out = ray.get(engines[k].generate.remote(prompts, sp))
+            out = [s for g in ray.get(engines[k].generate.remote(prompts, sp)) for s in g]
             dt = time.time() - t0
             if rep:  # rep 0 warms both up
                 rates[k].append(sum(len(s.response_ids) for s in out) / dt)

@@ -45,7 +45,7 @@ def engine_main(model_dir: str, gpu: int, inbox, outbox) -> None:
         elif cmd == "nccl":
             eng.update_weights_from_nccl(*args)
         elif cmd == "generate":
-            out = eng.generate(PROMPTS, SamplingConfig(n=1, temperature=1.0, max_tokens=32, seed=1))
+            out = [g[0] for g in eng.generate(PROMPTS, SamplingConfig(n=1, temperature=1.0, max_tokens=32, seed=1))]
             outbox.put([(s.prompt_ids, s.response_ids, s.logprobs) for s in out])
             continue
         outbox.put(time.time() - t0)

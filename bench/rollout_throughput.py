@@ -49,7 +49,7 @@ def ours(model: str, engine: str, ps, a) -> tuple[float, int]:
     sp = SamplingConfig(n=a.n, temperature=1.0, max_tokens=a.max_tokens, seed=0, ignore_eos=True)
     mgr.generate(ps, sp)
     t0 = time.perf_counter()
-    samples, _ = mgr.generate(ps, sp)
+    samples = [s for g in mgr.generate(ps, sp) for s in g]
     dt = time.perf_counter() - t0
     mgr.shutdown()
     return dt, sum(len(s.response_ids) for s in samples)
@@ -64,7 +64,7 @@ def direct(model: str, ps, a) -> tuple[float, int]:
     sp = SamplingConfig(n=a.n, temperature=1.0, max_tokens=a.max_tokens, seed=0, ignore_eos=True)
     eng.generate(ps, sp)
     t0 = time.perf_counter()
-    samples = eng.generate(ps, sp)
+    samples = [s for g in eng.generate(ps, sp) for s in g]
     return time.perf_counter() - t0, sum(len(s.response_ids) for s in samples)
 
 

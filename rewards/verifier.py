@@ -100,7 +100,10 @@ def _verify_one(source, answer, uid, hdr):
             os.killpg(pid, _signal.SIGKILL)
         except OSError:
             pass
-    os.waitpid(pid, 0)
+    status = os.waitpid(pid, 0)[1]
+    # The CPU limit (cpu_s ~ timeout_s) and the wall deadline race on a spinning verify: SIGXCPU/SIGKILL from
+    # RLIMIT_CPU is the same timeout, not "exited".
+    timed_out = timed_out or (os.WIFSIGNALED(status) and os.WTERMSIG(status) in (_signal.SIGXCPU, _signal.SIGKILL))
     msgs = []
     for line in buf.split(b"\n")[:2]:
         try:

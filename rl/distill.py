@@ -30,18 +30,6 @@ from rollout.progress import bar
 from rollout.sample import Sample, Status
 
 
-class _Direct:
-    """An in-process engine behind the RolloutManager interface (what `pipeline.generate` calls)."""
-
-    def __init__(self, engine):
-        self.engine = engine
-
-    def generate(self, prompts, sampling):
-        from rollout.manager import GenerationStats
-
-        return self.engine.generate(prompts, sampling), GenerationStats()
-
-
 def specialist_samples(cfg, tok, agent, domain: str, specialist: str, prompts) -> list[Sample]:
     """SFT samples from one specialist (`agent`: the tool-use runner when `domain` runs as episodes)."""
     r = cfg.rollout
@@ -54,11 +42,11 @@ def specialist_samples(cfg, tok, agent, domain: str, specialist: str, prompts) -
         oracle = ScriptedPolicy(tok, oracle_script({p.row["prompt"]: p.row["solution"] for p in prompts}))
         # Demonstrations are the clean solution: the whole context, no context management.
         plain = AgentRunner(tok, replace(agent.cfg, strategy="none", max_context=r.max_model_len), agent.domains)
-        return pipeline.generate(_Direct(oracle), prompts, SamplingConfig(n=1, max_tokens=r.max_tokens), plain)[0]
+        return pipeline.flat(pipeline.generate(oracle, prompts, SamplingConfig(n=1, max_tokens=r.max_tokens), plain)[0])
     mgr = components.engines(cfg, specialist, want=components.Captures(routing=False, sampling_mask=False))
     try:
         sp = components.sampling(r, seed=0, n=cfg.distill.samples_per_prompt)
-        samples, _ = pipeline.generate(mgr, prompts, sp, agent)
+        samples = pipeline.flat(pipeline.generate(mgr, prompts, sp, agent)[0])
     finally:
         mgr.shutdown()
     for s in samples:  # SFT: every generated token is a target (tool results stay out: loss_mask 0)

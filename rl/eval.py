@@ -9,7 +9,7 @@ prompt as solved when a sample giving that answer is correct.
 from __future__ import annotations
 
 import sys
-from collections import Counter, defaultdict
+from collections import Counter
 
 from rewards.rule import final_answer
 from rl import pipeline
@@ -28,18 +28,15 @@ def evaluate(engines, prompts: list[Prompt], specs: dict, pool, tokenizer, k: in
     """The metrics; `keep` (a list) receives the greedy samples, scored."""
     out: dict[str, float] = {}
     shown = bar(len(prompts) * (1 + k), "eval", unit="sample")
-    greedy, _ = pipeline.generate(engines, prompts, SamplingConfig(n=1, temperature=0.0, max_tokens=max_tokens), agent)
+    greedy = pipeline.flat(pipeline.generate(engines, prompts, SamplingConfig(n=1, temperature=0.0, max_tokens=max_tokens), agent)[0])
     pipeline.score(greedy, specs, pool, tokenizer)
     shown.update(len(greedy))
-    sampled, _ = pipeline.generate(engines, prompts, SamplingConfig(n=k, temperature=temperature, max_tokens=max_tokens, seed=seed), agent)
-    pipeline.score(sampled, specs, pool, tokenizer)
-    shown.update(len(sampled))
+    groups, _ = pipeline.generate(engines, prompts, SamplingConfig(n=k, temperature=temperature, max_tokens=max_tokens, seed=seed), agent)
+    pipeline.score(pipeline.flat(groups), specs, pool, tokenizer)
+    shown.update(len(prompts) * k)
     shown.close()
     if keep is not None:
         keep.extend(greedy)
-    groups = defaultdict(list)
-    for s in sampled:
-        groups[s.prompt_index].append(s)
     for domain, spec in specs.items():
         g = [s for s in greedy if s.domain == domain]
         if not g:

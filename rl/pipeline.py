@@ -9,37 +9,35 @@ import torch
 from rl.algos import compute_advantages
 from rl.data import Prompt
 from rollout.agent import final_turn_ids
-from rollout.engine import SamplingConfig
+from rollout.engine import GenerationStats, Generator, Groups, SamplingConfig, check_groups
 from rollout.sample import Sample, Status
 
 
-def generate(engines, prompts: list[Prompt], sampling: SamplingConfig, agent=None) -> tuple[list[Sample], dict]:
-    """n samples per prompt, each tagged with its prompt's domain and row. Prompts of `agent.domains`
-    (an `rollout.agent.AgentRunner`) run as tool-use episodes on the same engines."""
-    tool_idx = [i for i, p in enumerate(prompts) if agent is not None and p.row["domain"] in agent.domains]
-    plain_idx = sorted(set(range(len(prompts))) - set(tool_idx))
-    samples, metrics = [], {"rollout/chunks": 0, "rollout/engine_restarts": 0, "rollout/aborted": 0}
-
-    def call(ids, sp):
-        out, stats = engines.generate(ids, sp)
-        metrics["rollout/chunks"] += stats.chunks
-        metrics["rollout/engine_restarts"] += stats.restarts
-        metrics["rollout/aborted"] += stats.aborted_samples
-        return out
-
-    for idx, run in ((plain_idx, call), (tool_idx, lambda ids, sp: agent.run(call, ids, sp))):
-        if not idx:
-            continue
-        for s in run([prompts[i].prompt_ids for i in idx], sampling):
-            s.prompt_index = idx[s.prompt_index]
-            p = prompts[s.prompt_index]
+def generate(generator: Generator, prompts: list[Prompt], sampling: SamplingConfig, agent=None) -> tuple[Groups, dict]:
+    """n samples per prompt, grouped by prompt, each tagged with its prompt's index, domain and row. Prompts of
+    `agent.domains` (an `rollout.agent.AgentRunner`) run as tool-use episodes on the same generator."""
+    is_tool = [agent is not None and p.row["domain"] in agent.domains for p in prompts]
+    groups: Groups = [[] for _ in prompts]
+    stats = GenerationStats()
+    for tool, gen in ((False, generator), (True, agent.on(generator) if agent is not None else None)):
+        idx = [i for i, t in enumerate(is_tool) if t is tool]
+        if idx:
+            for i, g in zip(idx, gen.generate([prompts[i].prompt_ids for i in idx], sampling, stats)):
+                groups[i] = g
+    check_groups(groups, len(prompts), sampling.n)
+    for i, (p, g) in enumerate(zip(prompts, groups)):
+        for s in g:
             for x in (*s.segments, s):
-                x.prompt_index, x.domain, x.metadata = s.prompt_index, p.row["domain"], p.row
-            samples.append(s)
-    samples.sort(key=lambda s: s.prompt_index)
-    if tool_idx:
-        metrics.update(agent_metrics([s for s in samples if s.tool_stats]))
-    return samples, metrics
+                x.prompt_index, x.domain, x.metadata = i, p.row["domain"], p.row
+    metrics = {"rollout/chunks": stats.chunks, "rollout/engine_restarts": stats.restarts,
+               "rollout/aborted": stats.aborted_samples}
+    if any(is_tool):
+        metrics.update(agent_metrics([s for t, g in zip(is_tool, groups) if t for s in g]))
+    return groups, metrics
+
+
+def flat(groups: Groups) -> list[Sample]:
+    return [s for g in groups for s in g]
 
 
 def agent_metrics(samples: list[Sample]) -> dict:
@@ -110,20 +108,13 @@ def reward_metrics(samples: list[Sample], specs: dict) -> dict:
     return out
 
 
-def assign_advantages(samples: list[Sample], num_prompts: int, n: int, name: str) -> dict:
+def assign_advantages(groups: Groups, name: str) -> dict:
     """Group-relative advantages; abstained samples (reward None) are excluded and counted."""
-    rewards = torch.full((num_prompts, n), math.nan, dtype=torch.float64)
-    slot = defaultdict(int)
-    where = []
-    for s in samples:
-        j = slot[s.prompt_index]
-        slot[s.prompt_index] += 1
-        where.append((s.prompt_index, j))
-        if s.reward is not None:
-            rewards[s.prompt_index, j] = s.reward
+    rewards = torch.tensor([[math.nan if s.reward is None else s.reward for s in g] for g in groups], dtype=torch.float64)
     adv, stats = compute_advantages(name, rewards)
-    for s, (i, j) in zip(samples, where):
-        s.advantage = float(adv[i, j])
+    for g, row in zip(groups, adv.tolist()):
+        for s, a in zip(g, row):
+            s.advantage = a
     return {"adv/abstained": stats.num_abstained, "adv/degenerate_groups": stats.num_degenerate_groups,
             "adv/abs_mean": float(adv.abs().mean())}
 

@@ -34,7 +34,7 @@ from rewards.registry import Registry
 from rewards.rule import final_answer
 from rewards.verifier import run_verifier, verifier_scorer
 from rollout.agent import TOOLS, AgentRunner, EpisodeConfig, final_turn_ids, tool_call_text
-from rollout.engine import SamplingConfig
+from rollout.engine import Generator, SamplingConfig
 
 TASK_GENERATORS: Registry = Registry("task generator")
 
@@ -119,18 +119,18 @@ def parse_task(text: str, env: ToolEnv) -> Task | str:
 
 
 @TASK_GENERATORS.register("model")
-def model_tasks(env: ToolEnv, n: int, seed: int, generate_fn=None, tokenizer=None, temperature: float = 1.0,
+def model_tasks(env: ToolEnv, n: int, seed: int, writer=None, tokenizer=None, temperature: float = 1.0,
                 max_tokens: int = 512, **_) -> list[Task | str]:
-    """A model writes the triples (one sample per task, temperature 1 for variety)."""
+    """A model (`writer`, a Generator) writes the triples (one sample per task, temperature 1 for variety)."""
     from rollout.chat import encode_chat
 
-    if generate_fn is None:
+    if writer is None:
         raise ValueError("the model generator needs --generator-model (a local HF checkpoint)")
     docs = "\n".join(f"{p.name}: {p.read_text(errors='replace').splitlines()[0][:120]}"
                      for p in sorted(Path(env.docs).glob("*.txt"))[:20]) or "(none)"
     tools = "\n".join(json.dumps(TOOLS.get(t).spec()) for t in env.tools)
     prompt = encode_chat(tokenizer, [{"role": "user", "content": GENERATOR_PROMPT.format(tools=tools, docs=docs)}])
-    outs = generate_fn([prompt], SamplingConfig(n=n, temperature=temperature, max_tokens=max_tokens, seed=seed))
+    [outs] = writer.generate([prompt], SamplingConfig(n=n, temperature=temperature, max_tokens=max_tokens, seed=seed))
     return [parse_task(tokenizer.decode(s.response_ids, skip_special_tokens=True), env) for s in outs]
 
 
@@ -150,24 +150,21 @@ def task_problem(task: Task, env: ToolEnv) -> str | None:
     return None
 
 
-def pass_rates(tasks: list[Task], generate_fn, tokenizer, env: ToolEnv, k: int, sampling: SamplingConfig,
+def pass_rates(tasks: list[Task], policy: Generator, tokenizer, env: ToolEnv, k: int, sampling: SamplingConfig,
                episode: EpisodeConfig) -> list[float]:
     """Each task's verifier pass rate over k episodes of the policy (real tools, real engine)."""
     from rl.data import encode_prompt
 
     runner = AgentRunner(tokenizer, replace(episode, tool_context={**env.tool_context(), **episode.tool_context}))
     prompts = [encode_prompt(tokenizer, t.row()) for t in tasks]
-    samples = runner.run(generate_fn, prompts, replace(sampling, n=k))
-    texts = [tokenizer.decode(final_turn_ids(s), skip_special_tokens=True) for s in samples]
+    groups = runner.run(policy, prompts, replace(sampling, n=k))
+    texts = [tokenizer.decode(final_turn_ids(s), skip_special_tokens=True) for g in groups for s in g]
     # The scorer runs each task's verifier once for its k answers; a broken verifier (None) is no pass.
-    scores = verifier_scorer(texts, verifier=[tasks[s.prompt_index].verifier for s in samples])
-    passed = [0] * len(tasks)
-    for s, score in zip(samples, scores):
-        passed[s.prompt_index] += score == 1.0
-    return [p / k for p in passed]
+    scores = verifier_scorer(texts, verifier=[t.verifier for t in tasks for _ in range(k)])
+    return [sum(score == 1.0 for score in scores[i * k : (i + 1) * k]) / k for i in range(len(tasks))]
 
 
-def synthesize(candidates: list[Task | str], env: ToolEnv, generate_fn, tokenizer, k: int, sampling: SamplingConfig,
+def synthesize(candidates: list[Task | str], env: ToolEnv, policy: Generator, tokenizer, k: int, sampling: SamplingConfig,
                episode: EpisodeConfig) -> tuple[list[dict], Counter]:
     """Kept rows and the count of every outcome (unparseable / unknown_tool / verifier_broken /
     verifier_rejects_reference / all_pass / all_fail / kept)."""
@@ -179,7 +176,7 @@ def synthesize(candidates: list[Task | str], env: ToolEnv, generate_fn, tokenize
             usable.append(c)
         else:
             counts["unparseable" if isinstance(c, str) else reason] += 1
-    rates = pass_rates(usable, generate_fn, tokenizer, env, k, sampling, episode) if usable else []
+    rates = pass_rates(usable, policy, tokenizer, env, k, sampling, episode) if usable else []
     rows = []
     for task, rate in zip(usable, rates):
         if rate == 0.0:
@@ -257,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = {}
     if a.generator_model:
         gen_engine = make_engine(engine_cfg(a.generator_model))
-        extra = {"generate_fn": gen_engine.generate, "tokenizer": AutoTokenizer.from_pretrained(a.generator_model)}
+        extra = {"writer": gen_engine, "tokenizer": AutoTokenizer.from_pretrained(a.generator_model)}
     candidates = gen(env, a.num_tasks, a.seed, **extra)
     if a.no_filter:
         rows = [c.row() for c in candidates if not isinstance(c, str) and task_problem(c, env) is None]
@@ -265,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {len(rows)} of {len(candidates)} tasks to {a.out} (usable, not filtered by pass rate)")
         return 0
     policy = make_engine(engine_cfg(a.policy))
-    rows, counts = synthesize(candidates, env, policy.generate, AutoTokenizer.from_pretrained(a.policy), a.k,
+    rows, counts = synthesize(candidates, env, policy, AutoTokenizer.from_pretrained(a.policy), a.k,
                               SamplingConfig(temperature=1.0, max_tokens=a.max_tokens, seed=a.seed),
                               EpisodeConfig(max_turns=a.max_turns, max_context=a.max_context))
     write_rows(rows, a.out)

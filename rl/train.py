@@ -50,10 +50,10 @@ def collect(s: Setup, engines, stream: PromptStream, step: int) -> Batch:
     t0, cfg = time.time(), s.cfg
     prompts = stream.next(cfg.data.prompts_per_step)
     sampling = components.sampling(cfg.rollout, seed=cfg.trainer.seed * 100_003 + step)
-    samples, gen = pipeline.generate(engines, prompts, sampling, s.agent)
-    t1 = time.time()
+    groups, gen = pipeline.generate(engines, prompts, sampling, s.agent)
+    t1, samples = time.time(), pipeline.flat(groups)
     rew = pipeline.score(samples, s.specs, s.pool, s.tok)
-    adv = pipeline.assign_advantages(samples, len(prompts), cfg.rollout.n, cfg.algo.advantage)
+    adv = pipeline.assign_advantages(groups, cfg.algo.advantage)
     timing = {"time/generate": t1 - t0, "time/score": time.time() - t1}
     return Batch(samples, {**gen, **rew, **adv, **timing}, stream.position, [p.source for p in prompts])
 

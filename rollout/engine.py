@@ -1,6 +1,8 @@
 """What every rollout engine shares: its config, the sampling config, the registry, and the Ray actor.
 
-An engine is a class with `generate(prompts, sampling, prompt_offset) -> list[Sample]`,
+Everything that produces rollouts is a `Generator`: `generate(prompts, sampling, stats=None) -> Groups`, the
+n samples of prompt i in `groups[i]` (engines, `rollout.manager.RolloutManager`, the agent runner bound to one
+of them, the scripted policy). An engine is a Generator in this process with
 `update_weights(path, version)` (a HF checkpoint), `update_weights_from_tensors(named, version)` (state-dict
 names, streamed: `rollout.weight_transfer`) and `ping() -> version`; vLLM also loads over CUDA IPC and NCCL.
 `vllm` is the default; `reference` (pure PyTorch, exact routing and sampling-mask capture on CPU) is selected
@@ -10,8 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from rewards.registry import Registry
+from rollout.sample import Sample
 
 ENGINES: Registry = Registry("rollout engine")
 
@@ -41,6 +45,36 @@ class SamplingConfig:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False  # generate max_tokens every time (benchmarks)
+
+
+Groups = list[list[Sample]]  # groups[i]: the samples of prompts[i], sampling.n of them
+
+
+@dataclass
+class GenerationStats:
+    """What happened while generating (filled by the generator that saw it; engines in this process leave it)."""
+
+    chunks: int = 0
+    retries: int = 0
+    restarts: int = 0
+    aborted_samples: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class Generator(Protocol):
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig,
+                 stats: GenerationStats | None = None) -> Groups:
+        """`sampling.n` samples for each prompt, grouped by prompt in the prompts' order."""
+        ...
+
+
+def check_groups(groups: Groups, num_prompts: int, n: int) -> Groups:
+    """The grouping guarantee: one group per prompt, n samples each (a bookkeeping bug fails loudly here)."""
+    wrong = [(i, len(g)) for i, g in enumerate(groups) if len(g) != n]
+    if len(groups) != num_prompts or wrong:
+        raise AssertionError(f"{len(groups)} groups for {num_prompts} prompts; groups without exactly {n} samples "
+                             f"(index, count): {wrong[:10]}")
+    return groups
 
 
 def check_model_dir(path: str, key: str = "model") -> Path:
@@ -88,8 +122,8 @@ class EngineHost:
     def __init__(self, cfg: EngineConfig):
         self.engine = make_engine(cfg)
 
-    def generate(self, prompts, sampling, prompt_offset: int = 0):
-        return self.engine.generate(prompts, sampling, prompt_offset)
+    def generate(self, prompts, sampling) -> Groups:
+        return self.engine.generate(prompts, sampling)
 
     def update_weights(self, path: str, version: int) -> int:
         self.engine.update_weights(path, version)

@@ -1,15 +1,14 @@
 """Generation across several engine actors: dynamic batching, retries, weight sync with version checks.
 
-Bookkeeping guarantee: every prompt handed to `generate` comes back with exactly `n` samples; a sample
-the engines could not produce is a `Status.ABORTED` sample with the reason in `error` (counted by the
-driver), never a silently missing row.
+Bookkeeping guarantee: every prompt handed to `generate` comes back as its group of exactly `n` samples; a
+sample the engines could not produce is a `Status.ABORTED` sample with the reason in `error` (counted by
+the driver), never a silently missing row.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
-from rollout.engine import EngineConfig, SamplingConfig, engine_actor
+from rollout.engine import EngineConfig, GenerationStats, Groups, SamplingConfig, check_groups, engine_actor
 from rollout.progress import bar
 from rollout.sample import Sample, Status
 
@@ -20,17 +19,9 @@ class StaleWeightsError(RuntimeError):
     """An engine reports a policy version other than the learner's after a sync."""
 
 
-@dataclass
-class GenerationStats:
-    chunks: int = 0
-    retries: int = 0
-    restarts: int = 0
-    aborted_samples: int = 0
-    errors: list[str] = field(default_factory=list)
-
-
 class RolloutManager:
-    """`num_engines` engine actors; `generate` spreads prompt chunks over whichever engine is free."""
+    """`num_engines` engine actors; `generate` (a `rollout.engine.Generator`) spreads prompt chunks over
+    whichever engine is free."""
 
     def __init__(self, cfg: EngineConfig, num_engines: int = 1, chunk_prompts: int = 8, max_retries: int = 2,
                  num_cpus: float = 1, num_gpus: float = 0, resources: dict | None = None):
@@ -44,22 +35,21 @@ class RolloutManager:
 
         ray.get([e.ping.remote() for e in self.engines])
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> tuple[list[Sample], GenerationStats]:
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, stats: GenerationStats | None = None) -> Groups:
         import ray
         from ray.exceptions import RayActorError
 
-        stats = GenerationStats()
-        chunks = [(s, prompts[s : s + self.chunk_prompts]) for s in range(0, len(prompts), self.chunk_prompts)]
+        stats = stats if stats is not None else GenerationStats()
         shown = bar(len(prompts) * sampling.n, "generate", unit="sample", leave=False)
-        todo = [(start, chunk, 0) for start, chunk in chunks]  # (offset, prompts, attempts)
-        done: dict[int, list[Sample]] = {}
+        todo = [(s, prompts[s : s + self.chunk_prompts], 0) for s in range(0, len(prompts), self.chunk_prompts)]
+        done: dict[int, Groups] = {}  # chunk offset -> its groups
         running: dict = {}  # ref -> (engine index, offset, prompts, attempts)
         idle = list(range(len(self.engines)))
         while todo or running:
             while todo and idle:
                 start, chunk, attempts = todo.pop(0)
                 i = idle.pop(0)
-                running[self.engines[i].generate.remote(chunk, sampling, start)] = (i, start, chunk, attempts)
+                running[self.engines[i].generate.remote(chunk, sampling)] = (i, start, chunk, attempts)
                 stats.chunks += 1
             ready, _ = ray.wait(list(running), num_returns=1)
             i, start, chunk, attempts = running.pop(ready[0])
@@ -76,13 +66,11 @@ class RolloutManager:
                     todo.append((start, chunk, attempts + 1))
                     stats.retries += 1
                 else:
-                    done[start] = self._aborted(chunk, start, sampling.n, f"engine died {attempts + 1} times")
-                    stats.aborted_samples += len(done[start])
+                    done[start] = self._aborted(chunk, sampling.n, f"engine died {attempts + 1} times")
+                    stats.aborted_samples += len(chunk) * sampling.n
                     shown.update(len(chunk) * sampling.n)
         shown.close()
-        samples = [s for start in sorted(done) for s in done[start]]
-        self._check_complete(samples, len(prompts), sampling.n)
-        return samples, stats
+        return check_groups([g for start in sorted(done) for g in done[start]], len(prompts), sampling.n)
 
     def update_weights(self, path: str, version: int) -> None:
         """Every engine loads the HF checkpoint at `path`; then each must report `version`, else StaleWeightsError."""
@@ -119,18 +107,8 @@ class RolloutManager:
         ray.get(self.engines[i].ping.remote())
 
     @staticmethod
-    def _aborted(chunk: list[list[int]], start: int, n: int, reason: str) -> list[Sample]:
-        return [Sample(prompt_ids=list(p), status=Status.ABORTED, error=reason, prompt_index=start + j)
-                for j, p in enumerate(chunk) for _ in range(n)]
-
-    @staticmethod
-    def _check_complete(samples: list[Sample], num_prompts: int, n: int) -> None:
-        counts = [0] * num_prompts
-        for s in samples:
-            counts[s.prompt_index] += 1
-        wrong = [(i, c) for i, c in enumerate(counts) if c != n]
-        if wrong:  # a bookkeeping bug, not a runtime condition: fail loudly
-            raise AssertionError(f"prompts without exactly {n} samples (index, count): {wrong[:10]}")
+    def _aborted(chunk: list[list[int]], n: int, reason: str) -> Groups:
+        return [[Sample(prompt_ids=list(p), status=Status.ABORTED, error=reason) for _ in range(n)] for p in chunk]
 
     def shutdown(self) -> None:
         import ray

@@ -15,7 +15,7 @@ import itertools
 
 import torch
 
-from rollout.engine import ENGINES, EngineConfig, SamplingConfig, check_model_dir
+from rollout.engine import ENGINES, EngineConfig, Groups, SamplingConfig, check_model_dir
 from rollout.routing import RoutingController
 from rollout.sample import KeptSets, Sample, Status
 from rollout.sampling import process_logits, truncates
@@ -73,26 +73,28 @@ class ReferenceEngine:
     def ping(self) -> int:
         return self.policy_version
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, prompt_offset: int = 0) -> list[Sample]:
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, stats=None) -> Groups:
+        """n samples for each prompt, grouped by prompt (`rollout.engine.Generator`)."""
         seed = sampling.seed if sampling.seed is not None else self.cfg.seed * 1_000_003 + next(self._calls)
         gen = torch.Generator().manual_seed(seed)
-        reqs = [(prompt_offset + i, list(p)) for i, p in enumerate(prompts) for _ in range(sampling.n)]
+        reqs = [list(p) for p in prompts for _ in range(sampling.n)]  # prompt-major: group i is reqs[i*n:(i+1)*n]
         out: list[Sample] = []
         for s in range(0, len(reqs), self.max_batch):
             out.extend(self._generate_batch(reqs[s : s + self.max_batch], sampling, gen))
-        return out
+        n = sampling.n
+        return [out[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     @torch.no_grad()
-    def _generate_batch(self, reqs: list[tuple[int, list[int]]], sp: SamplingConfig, gen: torch.Generator) -> list[Sample]:
+    def _generate_batch(self, reqs: list[list[int]], sp: SamplingConfig, gen: torch.Generator) -> list[Sample]:
         from transformers import DynamicCache
 
-        B, P = len(reqs), max(len(p) for _, p in reqs)
+        B, P = len(reqs), max(len(p) for p in reqs)
         max_new = min(sp.max_tokens, self.cfg.max_model_len - P)
         if max_new <= 0:
             raise ValueError(f"prompt of {P} tokens leaves no room under max_model_len={self.cfg.max_model_len}")
         ids = torch.full((B, P), self.pad_id, dtype=torch.long)
         attn = torch.zeros((B, P), dtype=torch.long)
-        for b, (_, p) in enumerate(reqs):
+        for b, p in enumerate(reqs):
             ids[b, P - len(p) :] = torch.tensor(p)
             attn[b, P - len(p) :] = 1
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
@@ -123,8 +125,7 @@ class ReferenceEngine:
             calls = self.routing.take_captured() if self.routing.is_moe else []
         return [self._to_sample(b, reqs[b], P, toks, logps, kept, calls, stop) for b in range(B)]
 
-    def _to_sample(self, b, req, P, toks, logps, kept, calls, stop) -> Sample:
-        prompt_index, prompt = req
+    def _to_sample(self, b, prompt, P, toks, logps, kept, calls, stop) -> Sample:
         resp = [int(t[b]) for t in toks]
         stop_set = set(stop.tolist())
         end = next((i + 1 for i, t in enumerate(resp) if t in stop_set), None)
@@ -138,7 +139,6 @@ class ReferenceEngine:
             finish_reason="stop" if end else "length",
             status=Status.COMPLETED if end else Status.TRUNCATED,
             policy_version=self.policy_version,
-            prompt_index=prompt_index,
         )
         if calls:
             layers, k = calls[0].shape[1:]

@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from rollout.engine import ENGINES, EngineConfig, SamplingConfig, check_model_dir, is_moe_checkpoint, vocab_size_of
+from rollout.engine import ENGINES, EngineConfig, Groups, SamplingConfig, check_model_dir, is_moe_checkpoint, vocab_size_of
 from rollout.sample import KeptSets, Sample, Status
 
 # Defaults that make vLLM usable on a small CPU machine; an explicit environment value wins.
@@ -143,8 +143,8 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
         self.policy_version = version
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, prompt_offset: int = 0) -> list[Sample]:
-        """n samples for each prompt; sample j of prompt i has `prompt_index = prompt_offset + i`."""
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, stats=None) -> Groups:
+        """n samples for each prompt, grouped by prompt (`rollout.engine.Generator`)."""
         from vllm import SamplingParams
 
         params = SamplingParams(
@@ -165,14 +165,10 @@ class VLLMEngine:
             from rollout import vllm_kept
 
             kept = vllm_kept.attach(outs, self.llm.collective_rpc(vllm_kept.collect)[0], self.vocab_size)
-        samples = []
-        for i, out in enumerate(outs):
-            for c in out.outputs:
-                samples.append(self._to_sample(list(out.prompt_token_ids), c, prompt_offset + i,
-                                               kept.get((out.request_id, c.index))))
-        return samples
+        return [[self._to_sample(list(out.prompt_token_ids), c, kept.get((out.request_id, c.index))) for c in out.outputs]
+                for out in outs]
 
-    def _to_sample(self, prompt_ids: list[int], c, prompt_index: int, kept=None) -> Sample:
+    def _to_sample(self, prompt_ids: list[int], c, kept=None) -> Sample:
         ids = list(c.token_ids)
         s = Sample(
             prompt_ids=prompt_ids,
@@ -182,7 +178,6 @@ class VLLMEngine:
             finish_reason=c.finish_reason,
             status=Status.TRUNCATED if c.finish_reason == "length" else Status.COMPLETED,
             policy_version=self.policy_version,
-            prompt_index=prompt_index,
         )
         routed = getattr(c, "routed_experts", None)  # [P + R - 1, layers, k]: every position run
         if routed is not None:

@@ -44,7 +44,8 @@ class ContextStrategy:
         return 1
 
     def manage(self, runner: AgentRunner, generate_fn, full: list[Episode], sampling, turn: int) -> None:
-        """Act on the live episodes whose context reached the trigger, before the turn's engine calls."""
+        """Act on the live episodes whose context reached the trigger, before the turn's engine calls;
+        `generate_fn(prompts, sampling) -> list[Sample]` gives n samples per prompt, in the prompts' order."""
 
     def select(self, candidates: list[Episode]) -> Episode:
         """The candidate kept for the sample, out of `width` of them."""
@@ -99,7 +100,6 @@ class Summary(ContextStrategy):
         for room, ok in asks.items():
             outs = generate_fn([a for _, a in ok], replace(sampling, n=1, max_tokens=room,
                                seed=None if sampling.seed is None else sampling.seed + 7919 * turn + 1))
-            outs.sort(key=lambda s: s.prompt_index)
             self._restart(runner, ok, outs)
 
     @staticmethod

@@ -15,20 +15,21 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from rollout.agent.context import CONTEXT_STRATEGIES
 from rollout.agent.episode import SUMMARY_REQUEST, Episode, EpisodeConfig
 from rollout.agent.tools import call_tool
 from rollout.chat import continuation
+from rollout.engine import GenerationStats, Generator, Groups
 from rollout.sample import Sample, Status
 
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 
 
 class AgentRunner:
-    """Tool-use episodes on any `generate_fn(prompts, SamplingConfig) -> list[Sample]` (an engine's
-    `generate`, or a RolloutManager's first return value)."""
+    """Tool-use episodes on any `rollout.engine.Generator` (an engine, a RolloutManager, a ScriptedPolicy);
+    `on(generator)` is the episodes as a Generator themselves."""
 
     def __init__(self, tokenizer, cfg: EpisodeConfig, domains: tuple[str, ...] = ()):
         self.strategy = CONTEXT_STRATEGIES.get(cfg.strategy)
@@ -65,12 +66,19 @@ class AgentRunner:
         request = continuation(self.tok, convo, [{"role": "user", "content": SUMMARY_REQUEST}], args)
         return stream[: len(stream) - len(header)] + self.encode(request)
 
-    def run(self, generate_fn, prompts: list[list[int]], sampling) -> list[Sample]:
-        """n = sampling.n episodes per prompt; returns n Samples per prompt, ordered by prompt, with
-        `prompt_index`, `segments` and `tool_stats` set."""
+    def on(self, generator: Generator) -> Generator:
+        """Episodes on `generator`, behind the Generator interface (what `rl.pipeline.generate` calls)."""
+        return _Episodes(self, generator)
+
+    def run(self, generator: Generator, prompts: list[list[int]], sampling, stats: GenerationStats | None = None) -> Groups:
+        """n = sampling.n episodes per prompt, grouped by prompt; each Sample has `segments` and `tool_stats` set."""
         n, cfg = sampling.n, self.cfg
         width = self.strategy.width(cfg)
         group = n * width
+
+        def generate_fn(streams: list[list[int]], sp) -> list[Sample]:  # one sample per stream and per n, in order
+            return [s for g in generator.generate(streams, sp, stats) for s in g]
+
         eps = [Episode(list(p), list(p)) for p in prompts for _ in range(group)]
         for turn in itertools.count():
             if turn > 0:
@@ -92,17 +100,11 @@ class AgentRunner:
             seed = None if sampling.seed is None else sampling.seed + 7919 * turn
             for room, batch in by_room.items():
                 sp = replace(sampling, max_tokens=room, **({"n": group} if turn == 0 else {"n": 1, "seed": seed}))
-                outs = sorted(generate_fn([stream for _, stream in batch], sp), key=lambda s: s.prompt_index)
+                outs = generate_fn([stream for _, stream in batch], sp)
                 for e, s in zip([eps[i] for members, _ in batch for i in members], outs):
                     self._step(e, s)
-        out = []
-        for i in range(0, len(eps), width):
-            s = self.strategy.select(eps[i : i + width]).to_sample()
-            s.prompt_index = i // width // n
-            for seg in s.segments:
-                seg.prompt_index = s.prompt_index
-            out.append(s)
-        return out
+        kept = [self.strategy.select(eps[i : i + width]).to_sample() for i in range(0, len(eps), width)]
+        return [kept[u * n : (u + 1) * n] for u in range(len(prompts))]
 
     def _step(self, e: Episode, s: Sample) -> None:
         """Append one model turn; run its tool calls, or finish the episode."""
@@ -127,8 +129,17 @@ class AgentRunner:
             e.turns.append(list(s.response_ids) + tool)
 
 
-def run_episode(engine, tokenizer, prompt_ids: list[int], sampling, context: dict | None = None,
+@dataclass(frozen=True)
+class _Episodes:
+    runner: AgentRunner
+    generator: Generator
+
+    def generate(self, prompts, sampling, stats: GenerationStats | None = None) -> Groups:
+        return self.runner.run(self.generator, prompts, sampling, stats)
+
+
+def run_episode(engine: Generator, tokenizer, prompt_ids: list[int], sampling, context: dict | None = None,
                 max_turns: int = 4) -> Sample:
-    """One episode on an engine with `generate(prompts, sampling) -> list[Sample]`."""
+    """One episode on `engine` (any Generator)."""
     runner = AgentRunner(tokenizer, EpisodeConfig(max_turns=max_turns, max_context=10**9, tool_context=context or {}))
-    return runner.run(engine.generate, [prompt_ids], replace(sampling, n=1))[0]
+    return runner.run(engine, [prompt_ids], replace(sampling, n=1))[0][0]

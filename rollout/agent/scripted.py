@@ -16,18 +16,18 @@ class ScriptedPolicy:
     def __init__(self, tokenizer, script: Callable[[str], str], logprob: float = -0.1):
         self.tok, self.script, self.logprob, self.prompts = tokenizer, script, logprob, []
 
-    def generate(self, prompts, sampling, prompt_offset: int = 0) -> list[Sample]:
-        out = []
-        for j, p in enumerate(prompts):
+    def generate(self, prompts, sampling, stats=None) -> list[list[Sample]]:
+        """`rollout.engine.Generator`: n copies of the scripted turn per prompt."""
+        groups = []
+        for p in prompts:
             self.prompts.append(list(p))
             text = self.script(self.tok.decode(p))
             ids = list(self.tok(text, add_special_tokens=False)["input_ids"])[: sampling.max_tokens - 1]
             ids.append(self.tok.eos_token_id)
-            for _ in range(sampling.n):
-                out.append(Sample(prompt_ids=list(p), response_ids=list(ids), logprobs=[self.logprob] * len(ids),
-                                  loss_mask=[1] * len(ids), status=Status.COMPLETED, finish_reason="stop",
-                                  prompt_index=prompt_offset + j))
-        return out
+            groups.append([Sample(prompt_ids=list(p), response_ids=list(ids), logprobs=[self.logprob] * len(ids),
+                                  loss_mask=[1] * len(ids), status=Status.COMPLETED, finish_reason="stop")
+                           for _ in range(sampling.n)])
+        return groups
 
 
 def tool_call_text(name: str, arguments: dict) -> str:

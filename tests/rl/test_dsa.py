@@ -89,7 +89,8 @@ def test_engine_and_learner_agree_with_dsa(dsa_model_dir):
     """The reference engine (KV-cached, indexer key cache) and the learner (full forward) compute the same
     sparse policy: step-0 log-probs match."""
     eng = ReferenceEngine(EngineConfig(model=dsa_model_dir, engine="reference", seed=0))
-    samples = eng.generate([[5, 6, 7, 8, 9, 10, 11], [100, 200, 300]], SamplingConfig(n=2, max_tokens=12, seed=0))
+    groups = eng.generate([[5, 6, 7, 8, 9, 10, 11], [100, 200, 300]], SamplingConfig(n=2, max_tokens=12, seed=0))
+    samples = [s for g in groups for s in g]
     learner = Learner(LearnerConfig(model=dsa_model_dir, dsa_loss="sparse"))
     lp = learner.logprobs(samples)
     err = max(abs(a - b) for s, l in zip(samples, lp) for a, b in zip(s.logprobs, l))

@@ -20,7 +20,7 @@ PROMPTS = [[5, 6, 7, 8], [100, 200, 300], [42, 43], [9, 8, 7, 6, 5]]
 @pytest.fixture(scope="module")
 def moe_samples(tiny_moe):
     eng = ReferenceEngine(EngineConfig(model=tiny_moe, engine="reference", seed=0))
-    samples = eng.generate(PROMPTS, SAMPLING)
+    samples = [s for g in eng.generate(PROMPTS, SAMPLING) for s in g]
     for i, s in enumerate(samples):
         s.advantage = [1.0, -1.0, 0.5, -0.5][i % 4]
     return samples

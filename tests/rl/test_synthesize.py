@@ -75,7 +75,7 @@ def test_filter_keeps_tasks_the_policy_sometimes_solves(tok, env):
         return f"The answer is \\boxed{{{result}}}."
 
     broken = Task("q", ["python"], "def verify(a) return")
-    rows, counts = synthesize([*tasks, broken, "no JSON object"], env, ScriptedPolicy(tok, script).generate, tok, 4,
+    rows, counts = synthesize([*tasks, broken, "no JSON object"], env, ScriptedPolicy(tok, script), tok, 4,
                               SamplingConfig(max_tokens=48, seed=0), EpisodeConfig(max_turns=3, max_context=1024))
     assert counts == {"generated": 5, "all_pass": 1, "all_fail": 1, "kept": 1, "verifier_broken": 1, "unparseable": 1}
     assert [(r["family"], r["pass_rate"]) for r in rows] == [("C", 0.5)]
@@ -86,7 +86,7 @@ def test_model_generator_through_an_engine(tok, env):
     reply = json.dumps({"task": "Use the search tool: what is the secret number of cat?", "tools": ["search"],
                         "verifier": "def verify(a):\n    return a.isdigit()"})
     gen = ScriptedPolicy(tok, lambda text: reply if "Reply with JSON only" in text else "?")
-    tasks = model_tasks(env, 3, 0, generate_fn=gen.generate, tokenizer=tok, max_tokens=512)
+    tasks = model_tasks(env, 3, 0, writer=gen, tokenizer=tok, max_tokens=512)
     assert len(tasks) == 3 and all(isinstance(t, Task) and task_problem(t, env) is None for t in tasks)
     assert '"name": "search"' in tok.decode(gen.prompts[0])  # the tools were shown to the generator
 

@@ -95,9 +95,9 @@ class _Engine:
     def __init__(self):
         self.generate = self
 
-    def remote(self, chunk, sampling, start):
-        return _Ref([Sample(prompt_ids=p, response_ids=[3], status=Status.COMPLETED, prompt_index=start + i)
-                     for i, p in enumerate(chunk) for _ in range(sampling.n)])
+    def remote(self, chunk, sampling):
+        return _Ref([[Sample(prompt_ids=p, response_ids=[3], status=Status.COMPLETED) for _ in range(sampling.n)]
+                     for p in chunk])
 
 
 @pytest.fixture
@@ -132,8 +132,8 @@ def test_progress_bars_and_logging_progress_off(progress_on, monkeypatch):
     demos = {"math": [_sample("p", "t", 1.0) for _ in range(4)]}
 
     def run():
-        samples, _ = mgr.generate([[5, 6]] * 5, SamplingConfig(n=2, max_tokens=4))
-        assert len(samples) == 10
+        groups = mgr.generate([[5, 6]] * 5, SamplingConfig(n=2, max_tokens=4))
+        assert [len(g) for g in groups] == [2] * 5
         return distill(cfg, None, {}, None, None, [], Learner(), demos)
 
     terminal = _Terminal()  # set here: pytest puts its own sys.stderr back between a fixture and the test

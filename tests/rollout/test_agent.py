@@ -74,7 +74,7 @@ class Recording:
     def __init__(self, engine):
         self.engine, self.prompts = engine, []
 
-    def generate(self, prompts, sampling):
+    def generate(self, prompts, sampling, stats=None):
         self.prompts.append(list(prompts[0]))
         return self.engine.generate(prompts, sampling)
 
@@ -133,7 +133,7 @@ def run_scripted(tok, strategy, n=1, max_context=600, max_turns=10, script=loopi
     cfg = EpisodeConfig(max_turns=max_turns, max_context=max_context, strategy=strategy, parallel=parallel,
                         template_args=template_args or {})
     prompt = encode_chat(tok, [{"role": "user", "content": QUESTION}], tools=[TOOLS.get("python").spec()], **cfg.template_args)
-    samples = AgentRunner(tok, cfg).run(engine.generate, [prompt], SamplingConfig(n=n, max_tokens=64, seed=0))
+    [samples] = AgentRunner(tok, cfg).run(engine, [prompt], SamplingConfig(n=n, max_tokens=64, seed=0))
     return prompt, samples, engine
 
 

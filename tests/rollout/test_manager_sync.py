@@ -10,7 +10,7 @@ import pytest
 import torch
 from ray import cloudpickle
 
-from rollout.engine import EngineConfig, SamplingConfig, engine_actor
+from rollout.engine import EngineConfig, GenerationStats, SamplingConfig, engine_actor
 from rollout.manager import RolloutManager, StaleWeightsError
 from rollout.reference_engine import load_hf_model
 from rollout.sample import Status
@@ -76,8 +76,8 @@ def sync(ray, mgr: RolloutManager, weights: str, transport: str, sync_dir, versi
 
 def _greedy(actor_or_manager, ray):
     if isinstance(actor_or_manager, RolloutManager):
-        return actor_or_manager.generate(PROMPTS[:6], GREEDY)[0]
-    return ray.get(actor_or_manager.generate.remote(PROMPTS[:6], GREEDY))
+        return [g[0] for g in actor_or_manager.generate(PROMPTS[:6], GREEDY)]
+    return [g[0] for g in ray.get(actor_or_manager.generate.remote(PROMPTS[:6], GREEDY))]
 
 
 @pytest.mark.vllm
@@ -92,9 +92,11 @@ def test_generate_sync_regenerate(ray_cluster, request, tmp_path, kind, engine, 
     cfg = EngineConfig(model=model_dir, engine=engine, max_model_len=256, seed=0)
     mgr = RolloutManager(cfg, num_engines=2, chunk_prompts=3)
     try:
-        samples, stats = mgr.generate(PROMPTS, SamplingConfig(n=4, max_tokens=8, seed=0))
-        assert len(samples) == 64 and stats.chunks == 6 and stats.aborted_samples == 0
-        assert sorted({s.prompt_index for s in samples}) == list(range(16))
+        stats = GenerationStats()
+        groups = mgr.generate(PROMPTS, SamplingConfig(n=4, max_tokens=8, seed=0), stats)
+        assert [len(g) for g in groups] == [4] * 16 and stats.chunks == 6 and stats.aborted_samples == 0
+        assert all(s.prompt_ids == p for p, g in zip(PROMPTS, groups) for s in g)
+        samples = [s for g in groups for s in g]
         assert all(s.status in (Status.COMPLETED, Status.TRUNCATED) and s.policy_version == 0 for s in samples)
         before = _greedy(mgr, ray_cluster)
 
@@ -138,7 +140,8 @@ def test_dead_engine_is_restarted_synced_and_nothing_is_lost(ray_cluster, tiny_d
         new = perturbed_checkpoint(tiny_dense, tmp_path / "w")
         learner = sync(ray_cluster, mgr, new, transport, tmp_path / "weights_sync", version=3)  # noqa: F841  (alive)
         ray_cluster.kill(mgr.engines[1])  # dies before/while serving
-        samples, stats = mgr.generate(PROMPTS, SamplingConfig(n=2, max_tokens=4, seed=0))
+        stats = GenerationStats()
+        samples = [s for g in mgr.generate(PROMPTS, SamplingConfig(n=2, max_tokens=4, seed=0), stats) for s in g]
         assert len(samples) == 32 and stats.restarts >= 1 and stats.aborted_samples == 0
         assert all(s.policy_version == 3 for s in samples), "a restarted engine served stale weights"
         mgr.check_versions()

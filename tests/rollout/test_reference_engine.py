@@ -35,8 +35,9 @@ def _full_forward(model, ctl, s, temperature=1.0, top_k=0, top_p=1.0):
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 0.9), (1.2, 20, 0.95)])
 def test_logprobs_routing_and_masks_are_exact(ref_moe, tiny_moe, temperature, top_k, top_p):
     sp = SamplingConfig(n=2, temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=10, seed=1)
-    samples = ref_moe.generate(PROMPTS, sp)
-    assert [s.prompt_index for s in samples] == [0, 0, 1, 1, 2, 2]
+    groups = ref_moe.generate(PROMPTS, sp)
+    assert [[s.prompt_ids for s in g] for g in groups] == [[p, p] for p in PROMPTS]
+    samples = [s for g in groups for s in g]
     model = load_hf_model(tiny_moe, "float32")
     ctl = RoutingController(model)
     for s in samples:
@@ -67,17 +68,18 @@ def test_top_p_matches_definition():
 
 def test_greedy_is_deterministic_and_seeded_sampling_reproducible(ref_moe):
     g = SamplingConfig(n=2, temperature=0.0, max_tokens=8)
-    a, b = ref_moe.generate(PROMPTS[:1], g)
+    [[a, b]] = ref_moe.generate(PROMPTS[:1], g)
     assert a.response_ids == b.response_ids and all(lp == 0.0 for lp in a.logprobs)
     sp = SamplingConfig(n=3, max_tokens=8, seed=7)
-    assert [s.response_ids for s in ref_moe.generate(PROMPTS, sp)] == [s.response_ids for s in ref_moe.generate(PROMPTS, sp)]
+    assert [[s.response_ids for s in g] for g in ref_moe.generate(PROMPTS, sp)] == \
+        [[s.response_ids for s in g] for g in ref_moe.generate(PROMPTS, sp)]
 
 
 def test_stop_and_length(tiny_moe, ref_moe):
     eos = load_hf_model(tiny_moe, "float32").config.eos_token_id
     # Force the stop token as soon as it is likely enough: any sampled stop id ends the sample.
     sp = SamplingConfig(n=4, max_tokens=6, seed=3, stop_token_ids=tuple(range(0, 1030, 2)))
-    for s in ref_moe.generate(PROMPTS, sp):
+    for s in [s for g in ref_moe.generate(PROMPTS, sp) for s in g]:
         stopped = s.response_ids[-1] % 2 == 0 or s.response_ids[-1] == eos
         assert (s.finish_reason == "stop") == stopped
         assert s.finish_reason == "stop" or len(s.response_ids) == 6

@@ -28,11 +28,11 @@ def hf_token_logprobs(model_dir: str, prompt: list[int], response: list[int], te
 def test_vllm_actor_logprobs_match_transformers(ray_cluster, vllm_moe_actor, tiny_moe):
     prompts = [[5, 6, 7, 8, 9], [100, 200, 300]]
     sampling = SamplingConfig(n=2, temperature=1.0, max_tokens=12, seed=3)
-    samples = ray_cluster.get(vllm_moe_actor.generate.remote(prompts, sampling))
-    assert len(samples) == 4
-    assert [s.prompt_index for s in samples] == [0, 0, 1, 1]
-    for s in samples:
-        assert s.prompt_ids == prompts[s.prompt_index]
+    groups = ray_cluster.get(vllm_moe_actor.generate.remote(prompts, sampling))
+    assert [len(g) for g in groups] == [2, 2]
+    samples = [s for g in groups for s in g]
+    for i, s in enumerate(samples):
+        assert s.prompt_ids == prompts[i // 2]
         assert len(s.response_ids) == len(s.logprobs) > 0
         assert s.status in (Status.COMPLETED, Status.TRUNCATED)
         ref = hf_token_logprobs(tiny_moe, s.prompt_ids, s.response_ids)
