@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from rewards.registry import Registry
-from rl.logprobs import sampling_mask_logprobs, token_logprobs  # noqa: F401  (public API re-export)
+from rl.logprobs import token_logprobs  # noqa: F401  (public API re-export)
 
 ADVANTAGES: Registry = Registry("advantage estimator")
 POLICY_LOSSES: Registry = Registry("policy loss")

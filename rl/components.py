@@ -24,8 +24,8 @@ class Captures:
 def captures(cfg: Config, model: str | None = None) -> Captures:
     """What the engines must capture for this config's corrections (`model`: the checkpoint that runs)."""
     moe = is_moe_checkpoint(model) if model and (Path(model) / "config.json").is_file() else model_is_moe(cfg)
-    r, a = cfg.rollout, cfg.algo
-    return Captures(*captures_needed(a.keep_routing, a.keep_sampling_mask, moe, r.top_k, r.top_p))
+    rollout, algo = cfg.rollout, cfg.algo
+    return Captures(*captures_needed(algo.keep_routing, algo.keep_sampling_mask, moe, rollout.top_k, rollout.top_p))
 
 
 def engine_config(r: RolloutConfig, model: str, seed: int = 0, want: Captures = Captures(False, False)) -> EngineConfig:
@@ -42,26 +42,28 @@ def engines(cfg: Config, model: str, want: Captures | None = None):
     unless `want` says otherwise (distillation's specialists need none)."""
     from rollout.manager import RolloutManager
 
-    r = cfg.rollout
-    ecfg = engine_config(r, model, cfg.trainer.seed, captures(cfg, model) if want is None else want)
-    return RolloutManager(ecfg, r.num_engines, r.chunk_prompts, num_cpus=r.engine_cpus, num_gpus=r.engine_gpus or 0,
-                          resources=dict(r.engine_resources))
+    rollout = cfg.rollout
+    ecfg = engine_config(rollout, model, cfg.trainer.seed, captures(cfg, model) if want is None else want)
+    return RolloutManager(ecfg, rollout.num_engines, rollout.chunk_prompts, num_cpus=rollout.engine_cpus, num_gpus=rollout.engine_gpus or 0,
+                          resources=dict(rollout.engine_resources))
 
 
 def learner_config(cfg: Config, model: str, kl_coefs: dict[str, float]):
     from rl.algos import LossConfig
     from rl.learner import LearnerConfig
 
-    a, t = cfg.algo, cfg.trainer
+    algo, trainer = cfg.algo, cfg.trainer
     want = captures(cfg, model)
     return LearnerConfig(
-        model=model, lr=t.lr, warmup_steps=t.warmup_steps, grad_clip=t.grad_clip, micro_batch_size=t.micro_batch_size,
-        logprob_chunk=t.logprob_chunk, param_dtype=t.param_dtype, gradient_checkpointing=t.gradient_checkpointing,
-        loss=a.name, loss_cfg=LossConfig(clip_eps=a.clip_eps, clip_eps_high=a.clip_eps_high, kl_estimator=a.kl_estimator,
-                                         opsm_delta=a.opsm_delta, aggregation=a.aggregation),
-        keep_routing=a.keep_routing, keep_sampling_mask=a.keep_sampling_mask, require_routing=want.routing,
+        model=model, lr=trainer.lr, warmup_steps=trainer.warmup_steps, grad_clip=trainer.grad_clip,
+        micro_batch_size=trainer.micro_batch_size, logprob_chunk=trainer.logprob_chunk, param_dtype=trainer.param_dtype,
+        gradient_checkpointing=trainer.gradient_checkpointing,
+        loss=algo.name, loss_cfg=LossConfig(clip_eps=algo.clip_eps, clip_eps_high=algo.clip_eps_high,
+                                            kl_estimator=algo.kl_estimator, opsm_delta=algo.opsm_delta,
+                                            aggregation=algo.aggregation),
+        keep_routing=algo.keep_routing, keep_sampling_mask=algo.keep_sampling_mask, require_routing=want.routing,
         require_sampling_mask=want.sampling_mask, temperature=cfg.rollout.temperature, kl_coefs=kl_coefs,
-        seed=t.seed, dsa_loss=a.dsa_loss, dsa_loss_coef=a.dsa_loss_coef)
+        seed=trainer.seed, dsa_loss=algo.dsa_loss, dsa_loss_coef=algo.dsa_loss_coef)
 
 
 def learner(cfg: Config, model: str, kl_coefs: dict[str, float]):
@@ -70,11 +72,11 @@ def learner(cfg: Config, model: str, kl_coefs: dict[str, float]):
     from rl.cluster import check_shared_dir
     from rl.learner import LearnerGroup
 
-    t = cfg.trainer
+    trainer = cfg.trainer
     if cfg.cluster.address is not None:
-        check_shared_dir(t.run_dir, "trainer.run_dir")
-    return LearnerGroup(learner_config(cfg, model, kl_coefs), t.world_size, num_cpus=t.learner_cpus,
-                        num_gpus=t.learner_gpus or 0, resources=dict(t.learner_resources), placement=t.placement)
+        check_shared_dir(trainer.run_dir, "trainer.run_dir")
+    return LearnerGroup(learner_config(cfg, model, kl_coefs), trainer.world_size, num_cpus=trainer.learner_cpus,
+                        num_gpus=trainer.learner_gpus or 0, resources=dict(trainer.learner_resources), placement=trainer.placement)
 
 
 def weight_sync(cfg: Config, learner, engines, run_dir: Path):
@@ -106,14 +108,14 @@ def choose_transport(cfg: Config, moe: bool, where) -> tuple[str, str]:
     """'auto' -> a tensor transport wherever one works, the checkpoint otherwise. `where()` gives the learner
     rank 0's and each engine's (Ray node id, GPU ids), asked only for GPU engines: IPC needs every engine on
     the learner's GPU, NCCL needs every engine on another GPU (NCCL refuses two ranks on one GPU)."""
-    r, t = cfg.rollout, cfg.trainer
-    if t.weight_sync != "auto":
-        return t.weight_sync, "configured"
-    if not r.engine_gpus:
-        if r.engine == "vllm" and moe:
+    rollout, trainer = cfg.rollout, cfg.trainer
+    if trainer.weight_sync != "auto":
+        return trainer.weight_sync, "configured"
+    if not rollout.engine_gpus:
+        if rollout.engine == "vllm" and moe:
             return "checkpoint", "vLLM on CPU reloads MoE weights only by restarting from a checkpoint"
         return "object_store", "engines on CPU"
-    if r.engine != "vllm" or not t.learner_gpus or r.tensor_parallel_size > 1:
+    if rollout.engine != "vllm" or not trainer.learner_gpus or rollout.tensor_parallel_size > 1:
         return "checkpoint", "no tensor transport for this placement (GPU engines other than single-GPU vLLM, or a CPU learner)"
     mine, theirs = where()
     shared = [p == mine for p in theirs]

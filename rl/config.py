@@ -376,66 +376,71 @@ def validate(cfg: Config) -> None:
     from rl import algos
     from rollout.engine import ENGINES
 
-    a, r, t, d = cfg.algo, cfg.rollout, cfg.trainer, cfg.data
+    algo, rollout, trainer, data = cfg.algo, cfg.rollout, cfg.trainer, cfg.data
     _check((cfg.model.path is None) != (cfg.model.tiny is None), "model", "set exactly one of model.path and model.tiny")
     _check(cfg.model.tiny in (None, "dense", "moe"), "model.tiny", f"must be 'dense' or 'moe', got {cfg.model.tiny!r}")
     if cfg.model.path is not None:
         _check((Path(cfg.model.path) / "config.json").is_file(), "model.path", f"'{cfg.model.path}' is not a HF checkpoint directory")
-    _check(a.name in algos.POLICY_LOSSES, "algo.name", f"unsupported {a.name!r}. Supported: {algos.POLICY_LOSSES.names()}")
-    _check(a.advantage in algos.ADVANTAGES, "algo.advantage", f"unsupported {a.advantage!r}. Supported: {algos.ADVANTAGES.names()}")
-    _check(a.kl_estimator in algos.KL_ESTIMATORS, "algo.kl_estimator",
-           f"unsupported {a.kl_estimator!r}. Supported: {algos.KL_ESTIMATORS.names()}")
-    _check(a.aggregation in algos.AGGREGATIONS, "algo.aggregation",
-           f"unsupported {a.aggregation!r}. Supported: {algos.AGGREGATIONS.names()}")
-    _check(0 < a.clip_eps < 1, "algo.clip_eps", f"must be in (0, 1), got {a.clip_eps}")
-    _check(a.clip_eps_high is None or a.clip_eps_high > 0, "algo.clip_eps_high", f"must be > 0, got {a.clip_eps_high}")
-    _check(a.kl_coef >= 0, "algo.kl_coef", f"must be >= 0, got {a.kl_coef}")
-    for dom, beta in a.kl_coef_per_domain.items():
+    _check(algo.name in algos.POLICY_LOSSES, "algo.name", f"unsupported {algo.name!r}. Supported: {algos.POLICY_LOSSES.names()}")
+    _check(algo.advantage in algos.ADVANTAGES, "algo.advantage", f"unsupported {algo.advantage!r}. Supported: {algos.ADVANTAGES.names()}")
+    _check(algo.kl_estimator in algos.KL_ESTIMATORS, "algo.kl_estimator",
+           f"unsupported {algo.kl_estimator!r}. Supported: {algos.KL_ESTIMATORS.names()}")
+    _check(algo.aggregation in algos.AGGREGATIONS, "algo.aggregation",
+           f"unsupported {algo.aggregation!r}. Supported: {algos.AGGREGATIONS.names()}")
+    _check(0 < algo.clip_eps < 1, "algo.clip_eps", f"must be in (0, 1), got {algo.clip_eps}")
+    _check(algo.clip_eps_high is None or algo.clip_eps_high > 0, "algo.clip_eps_high", f"must be > 0, got {algo.clip_eps_high}")
+    _check(algo.kl_coef >= 0, "algo.kl_coef", f"must be >= 0, got {algo.kl_coef}")
+    for dom, beta in algo.kl_coef_per_domain.items():
         _check(isinstance(beta, (int, float)) and beta >= 0, f"algo.kl_coef_per_domain.{dom}", f"must be a number >= 0, got {beta!r}")
-    _check(a.opsm_delta is None or a.opsm_delta >= 0, "algo.opsm_delta", f"must be >= 0, got {a.opsm_delta}")
-    _check(r.engine in ENGINES or r.engine == "auto", "rollout.engine",
-           f"unsupported {r.engine!r}. Supported: {[*ENGINES.names(), 'auto']}")
-    _check(r.n >= (2 if a.name == "grpo" else 1), "rollout.n", f"GRPO needs a group of at least 2 samples, got {r.n}")
+    _check(algo.opsm_delta is None or algo.opsm_delta >= 0, "algo.opsm_delta", f"must be >= 0, got {algo.opsm_delta}")
+    _check(rollout.engine in ENGINES or rollout.engine == "auto", "rollout.engine",
+           f"unsupported {rollout.engine!r}. Supported: {[*ENGINES.names(), 'auto']}")
+    _check(rollout.n >= (2 if algo.name == "grpo" else 1), "rollout.n", f"GRPO needs a group of at least 2 samples, got {rollout.n}")
     # Greedy samples have no sampling probability: the ratio pi_theta / pi_old is undefined (eval.temperature
     # may be 0: evaluation trains nothing).
-    _check(r.temperature > 0, "rollout.temperature", f"must be > 0 for training (greedy samples have no pi_old), got {r.temperature}")
-    _check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
-    _check(r.top_k >= 0, "rollout.top_k", f"must be >= 0 (0 = off), got {r.top_k}")
-    _check(r.dtype in ("auto", "float32", "bfloat16", "float16"), "rollout.dtype", f"auto | float32 | bfloat16 | float16, got {r.dtype!r}")
-    _check(t.param_dtype in ("auto", "float32", "bfloat16"), "trainer.param_dtype", f"auto | float32 | bfloat16, got {t.param_dtype!r}")
-    _check(r.gpu_memory_utilization is None or 0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
-           f"must be in (0, 1], got {r.gpu_memory_utilization}")
-    _check(r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", f"must be >= 1, got {r.tensor_parallel_size}")
-    if r.engine_gpus is not None and r.engine == "vllm" and r.engine_gpus > 0:
-        _check(r.tensor_parallel_size <= max(r.engine_gpus, 1), "rollout.tensor_parallel_size",
-               f"{r.tensor_parallel_size} needs as many GPUs per engine (rollout.engine_gpus={r.engine_gpus})")
+    _check(rollout.temperature > 0, "rollout.temperature",
+           f"must be > 0 for training (greedy samples have no pi_old), got {rollout.temperature}")
+    _check(0 < rollout.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {rollout.top_p}")
+    _check(rollout.top_k >= 0, "rollout.top_k", f"must be >= 0 (0 = off), got {rollout.top_k}")
+    _check(rollout.dtype in ("auto", "float32", "bfloat16", "float16"), "rollout.dtype",
+           f"auto | float32 | bfloat16 | float16, got {rollout.dtype!r}")
+    _check(trainer.param_dtype in ("auto", "float32", "bfloat16"), "trainer.param_dtype",
+           f"auto | float32 | bfloat16, got {trainer.param_dtype!r}")
+    _check(rollout.gpu_memory_utilization is None or 0 < rollout.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
+           f"must be in (0, 1], got {rollout.gpu_memory_utilization}")
+    _check(rollout.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", f"must be >= 1, got {rollout.tensor_parallel_size}")
+    if rollout.engine_gpus is not None and rollout.engine == "vllm" and rollout.engine_gpus > 0:
+        _check(rollout.tensor_parallel_size <= max(rollout.engine_gpus, 1), "rollout.tensor_parallel_size",
+               f"{rollout.tensor_parallel_size} needs as many GPUs per engine (rollout.engine_gpus={rollout.engine_gpus})")
     validate_captures(cfg)
     validate_placement(cfg)
-    _check(r.max_tokens >= 1 and r.num_engines >= 1, "rollout", "max_tokens and num_engines must be >= 1")
-    _check((r.engine_gpus or 0) >= 0 and (t.learner_gpus or 0) >= 0, "rollout.engine_gpus",
+    _check(rollout.max_tokens >= 1 and rollout.num_engines >= 1, "rollout", "max_tokens and num_engines must be >= 1")
+    _check((rollout.engine_gpus or 0) >= 0 and (trainer.learner_gpus or 0) >= 0, "rollout.engine_gpus",
            "GPU counts (and trainer.learner_gpus) must be >= 0")
-    _check(t.steps >= 0 and t.lr > 0 and t.world_size >= 1 and t.micro_batch_size >= 1, "trainer",
+    _check(trainer.steps >= 0 and trainer.lr > 0 and trainer.world_size >= 1 and trainer.micro_batch_size >= 1, "trainer",
            "steps >= 0, lr > 0, world_size >= 1 and micro_batch_size >= 1 are required")
-    _check(t.mode in ("sync", "async"), "trainer.mode", f"must be 'sync' or 'async', got {t.mode!r}")
-    _check(t.max_staleness >= 0, "trainer.max_staleness", "must be >= 0")
-    _check(t.save_every >= 0, "trainer.save_every", f"must be >= 0 (0 = only at the end), got {t.save_every}")
-    _check(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
-    _check(math.isfinite(t.lr), "trainer.lr", "must be finite")
-    _check(d.prompts_per_step >= 1, "data.prompts_per_step", "must be >= 1")
-    _check(d.num_proc is None or d.num_proc >= 1, "data.num_proc", f"must be >= 1, got {d.num_proc}")
+    _check(trainer.mode in ("sync", "async"), "trainer.mode", f"must be 'sync' or 'async', got {trainer.mode!r}")
+    _check(trainer.max_staleness >= 0, "trainer.max_staleness", "must be >= 0")
+    _check(trainer.save_every >= 0, "trainer.save_every", f"must be >= 0 (0 = only at the end), got {trainer.save_every}")
+    _check(trainer.keep_checkpoints >= 1, "trainer.keep_checkpoints", f"must be >= 1, got {trainer.keep_checkpoints}")
+    _check(math.isfinite(trainer.lr), "trainer.lr", "must be finite")
+    _check(data.prompts_per_step >= 1, "data.prompts_per_step", "must be >= 1")
+    _check(data.num_proc is None or data.num_proc >= 1, "data.num_proc", f"must be >= 1, got {data.num_proc}")
     if cfg.model.dsa_top_k is not None:
         _check(cfg.model.dsa_top_k >= 1, "model.dsa_top_k", f"must be >= 1, got {cfg.model.dsa_top_k}")
-        _check(r.engine == "reference", "rollout.engine", "DSA models run on the reference engine (vLLM has no DSA for them)")
+        _check(rollout.engine == "reference", "rollout.engine", "DSA models run on the reference engine (vLLM has no DSA for them)")
     from rl.dsa import DSA_LOSSES
 
-    _check(a.dsa_loss is None or a.dsa_loss in DSA_LOSSES, "algo.dsa_loss", f"unsupported {a.dsa_loss!r}. Supported: {DSA_LOSSES.names()}")
+    _check(algo.dsa_loss is None or algo.dsa_loss in DSA_LOSSES, "algo.dsa_loss",
+           f"unsupported {algo.dsa_loss!r}. Supported: {DSA_LOSSES.names()}")
     _check(cfg.logging.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode", "offline | online | disabled")
     try:
         specs = parse_specs(cfg.rewards or {}, where="rewards")
     except SpecError as exc:
         raise ConfigError(str(exc)) from None
     _check(bool(specs), "rewards", "at least one domain's reward spec is required")
-    _check(d.domain is None or d.domain in specs, "data.domain", f"domain {d.domain!r} has no reward spec (rewards: {sorted(specs)})")
+    _check(data.domain is None or data.domain in specs, "data.domain",
+           f"domain {data.domain!r} has no reward spec (rewards: {sorted(specs)})")
     validate_agent(cfg, specs)
     validate_specialists(cfg, specs)
 
@@ -469,23 +474,23 @@ def validate_placement(cfg: Config) -> None:
     work there ('auto' is resolved from where the actors land, in rl.components.weight_sync)."""
     from rollout.weight_transfer import TRANSPORTS
 
-    r, t = cfg.rollout, cfg.trainer
-    _check(t.placement in ("pack", "spread"), "trainer.placement", f"must be 'pack' or 'spread', got {t.placement!r}")
-    for key, res in (("trainer.learner_resources", t.learner_resources), ("rollout.engine_resources", r.engine_resources)):
+    rollout, trainer = cfg.rollout, cfg.trainer
+    _check(trainer.placement in ("pack", "spread"), "trainer.placement", f"must be 'pack' or 'spread', got {trainer.placement!r}")
+    for key, res in (("trainer.learner_resources", trainer.learner_resources), ("rollout.engine_resources", rollout.engine_resources)):
         for name, amount in res.items():
             _check(isinstance(amount, (int, float)) and amount >= 0, f"{key}.{name}", f"must be a number >= 0, got {amount!r}")
-    _check(t.sync_bucket_mb >= 1, "trainer.sync_bucket_mb", f"must be >= 1, got {t.sync_bucket_mb}")
-    ws = t.weight_sync
+    _check(trainer.sync_bucket_mb >= 1, "trainer.sync_bucket_mb", f"must be >= 1, got {trainer.sync_bucket_mb}")
+    ws = trainer.weight_sync
     _check(ws in TRANSPORTS, "trainer.weight_sync", f"unsupported {ws!r}. Supported: {list(TRANSPORTS)}")
-    engine_on_gpu = None if r.engine_gpus is None else r.engine_gpus > 0
+    engine_on_gpu = None if rollout.engine_gpus is None else rollout.engine_gpus > 0
     if ws in ("ipc", "nccl"):
-        _check(r.engine == "vllm", "trainer.weight_sync", f"{ws} loads into vLLM engines only (rollout.engine={r.engine!r}): "
+        _check(rollout.engine == "vllm", "trainer.weight_sync", f"{ws} loads into vLLM engines only (rollout.engine={rollout.engine!r}): "
                "use object_store or checkpoint")
-        _check(engine_on_gpu is not False and t.learner_gpus != 0, "trainer.weight_sync",
+        _check(engine_on_gpu is not False and trainer.learner_gpus != 0, "trainer.weight_sync",
                f"{ws} needs the learner and the engines on GPUs (trainer.learner_gpus, rollout.engine_gpus): use object_store")
-        _check(r.tensor_parallel_size == 1, "trainer.weight_sync", f"{ws} does not cover tensor-parallel engines "
-               f"(rollout.tensor_parallel_size={r.tensor_parallel_size}): use checkpoint")
-    if ws == "object_store" and r.engine == "vllm":
+        _check(rollout.tensor_parallel_size == 1, "trainer.weight_sync", f"{ws} does not cover tensor-parallel engines "
+               f"(rollout.tensor_parallel_size={rollout.tensor_parallel_size}): use checkpoint")
+    if ws == "object_store" and rollout.engine == "vllm":
         _check(engine_on_gpu is not True, "trainer.weight_sync", "object_store feeds vLLM's in-process CPU engine only; "
                "vLLM on GPU takes ipc or nccl")
         _check(not model_is_moe(cfg), "trainer.weight_sync", "vLLM on CPU reloads MoE weights only by restarting from a "
@@ -499,10 +504,10 @@ def validate_captures(cfg: Config) -> None:
     vocabularies (checked when the model's vocabulary is known)."""
     from rollout.engine import captures_needed
 
-    r, a = cfg.rollout, cfg.algo
-    if r.engine != "vllm" or r.engine_gpus is None or r.engine_gpus > 0:
+    rollout, algo = cfg.rollout, cfg.algo
+    if rollout.engine != "vllm" or rollout.engine_gpus is None or rollout.engine_gpus > 0:
         return
-    routing, mask = captures_needed(a.keep_routing, a.keep_sampling_mask, model_is_moe(cfg), r.top_k, r.top_p)
+    routing, mask = captures_needed(algo.keep_routing, algo.keep_sampling_mask, model_is_moe(cfg), rollout.top_k, rollout.top_p)
     _check(not routing, "algo.keep_routing", "vLLM on CPU (rollout.engine_gpus=0) cannot capture the routed experts this "
            "MoE model needs for keep routing; use rollout=reference (exact capture on CPU) or algo.keep_routing=false")
     if mask and cfg.model.path is not None:
@@ -520,18 +525,18 @@ CPU_MASK_MAX_VOCAB = 32_768
 def validate_agent(cfg: Config, specs: dict) -> None:
     from rollout.agent import CONTEXT_STRATEGIES, TOOLS
 
-    g = cfg.agent
-    for dom in g.domains:
+    agent = cfg.agent
+    for dom in agent.domains:
         _check(dom in specs, "agent.domains", f"domain {dom!r} has no reward spec (rewards: {sorted(specs)})")
-    _check(g.context_strategy in CONTEXT_STRATEGIES, "agent.context_strategy",
-           f"unsupported {g.context_strategy!r}. Supported: {CONTEXT_STRATEGIES.names()}")
-    _check(0 < g.context_trigger <= 1, "agent.context_trigger", f"must be in (0, 1], got {g.context_trigger}")
-    _check(g.max_turns >= 1 and g.parallel >= 1 and g.summary_tokens >= 8, "agent",
+    _check(agent.context_strategy in CONTEXT_STRATEGIES, "agent.context_strategy",
+           f"unsupported {agent.context_strategy!r}. Supported: {CONTEXT_STRATEGIES.names()}")
+    _check(0 < agent.context_trigger <= 1, "agent.context_trigger", f"must be in (0, 1], got {agent.context_trigger}")
+    _check(agent.max_turns >= 1 and agent.parallel >= 1 and agent.summary_tokens >= 8, "agent",
            "max_turns >= 1, parallel >= 1 and summary_tokens >= 8 are required")
-    _check(g.max_context is None or 0 < g.max_context <= cfg.rollout.max_model_len, "agent.max_context",
-           f"must be in (0, rollout.max_model_len={cfg.rollout.max_model_len}], got {g.max_context}")
-    _check(g.docs is None or Path(g.docs).is_dir(), "agent.docs", f"'{g.docs}' is not a directory")
-    for tool in g.tool_context:
+    _check(agent.max_context is None or 0 < agent.max_context <= cfg.rollout.max_model_len, "agent.max_context",
+           f"must be in (0, rollout.max_model_len={cfg.rollout.max_model_len}], got {agent.max_context}")
+    _check(agent.docs is None or Path(agent.docs).is_dir(), "agent.docs", f"'{agent.docs}' is not a directory")
+    for tool in agent.tool_context:
         _check(tool in TOOLS, f"agent.tool_context.{tool}", f"unknown tool. Registered: {TOOLS.names()}")
 
 
@@ -539,16 +544,16 @@ def agent_runner(cfg: Config, tokenizer):
     """The tool-use runner for `agent.domains` (None when there are none)."""
     from rollout.agent import AgentRunner, EpisodeConfig
 
-    g = cfg.agent
-    if not g.domains:
+    agent = cfg.agent
+    if not agent.domains:
         return None
-    tools = {"search": {"root": g.docs}, "read_file": {"root": g.docs}} if g.docs else {}
-    for tool, kw in g.tool_context.items():
+    tools = {"search": {"root": agent.docs}, "read_file": {"root": agent.docs}} if agent.docs else {}
+    for tool, kw in agent.tool_context.items():
         tools[tool] = {**tools.get(tool, {}), **kw}
-    ecfg = EpisodeConfig(max_turns=g.max_turns, max_context=g.max_context or cfg.rollout.max_model_len,
-                         trigger=g.context_trigger, strategy=g.context_strategy, parallel=g.parallel,
-                         summary_tokens=g.summary_tokens, tool_context=tools, template_args=dict(g.template_args))
-    return AgentRunner(tokenizer, ecfg, tuple(g.domains))
+    ecfg = EpisodeConfig(max_turns=agent.max_turns, max_context=agent.max_context or cfg.rollout.max_model_len,
+                         trigger=agent.context_trigger, strategy=agent.context_strategy, parallel=agent.parallel,
+                         summary_tokens=agent.summary_tokens, tool_context=tools, template_args=dict(agent.template_args))
+    return AgentRunner(tokenizer, ecfg, tuple(agent.domains))
 
 
 def domain_betas(cfg: Config, domains) -> dict[str, float]:

@@ -32,7 +32,7 @@ from rollout.sample import Sample, Status
 
 def specialist_samples(cfg, tok, agent, domain: str, specialist: str, prompts) -> list[Sample]:
     """SFT samples from one specialist (`agent`: the tool-use runner when `domain` runs as episodes)."""
-    r = cfg.rollout
+    rollout = cfg.rollout
     if specialist == "rule" and agent is None:
         return [to_sft_sample(tok, p, solve(p.row)) for p in prompts]
     if specialist == "rule":
@@ -41,11 +41,11 @@ def specialist_samples(cfg, tok, agent, domain: str, specialist: str, prompts) -
             raise RuntimeError(f"distill.specialists.{domain}=rule needs each row's reference 'solution' turns; missing at {missing[0]}")
         oracle = ScriptedPolicy(tok, oracle_script({p.row["prompt"]: p.row["solution"] for p in prompts}))
         # Demonstrations are the clean solution: the whole context, no context management.
-        plain = AgentRunner(tok, replace(agent.cfg, strategy="none", max_context=r.max_model_len), agent.domains)
-        return pipeline.flat(pipeline.generate(oracle, prompts, SamplingConfig(n=1, max_tokens=r.max_tokens), plain)[0])
+        plain = AgentRunner(tok, replace(agent.cfg, strategy="none", max_context=rollout.max_model_len), agent.domains)
+        return pipeline.flat(pipeline.generate(oracle, prompts, SamplingConfig(n=1, max_tokens=rollout.max_tokens), plain)[0])
     mgr = components.engines(cfg, specialist, want=components.Captures(routing=False, sampling_mask=False))
     try:
-        sp = components.sampling(r, seed=0, n=cfg.distill.samples_per_prompt)
+        sp = components.sampling(rollout, seed=0, n=cfg.distill.samples_per_prompt)
         samples = pipeline.flat(pipeline.generate(mgr, prompts, sp, agent)[0])
     finally:
         mgr.shutdown()
@@ -111,9 +111,9 @@ def to_sft_sample(tok, prompt, text: str) -> Sample:
 def distill(cfg, tok, specs: dict, pool, agent, train_prompts: list, learner, demos: dict | None = None) -> dict:
     """Specialists' filtered outputs and the `demos` (`demonstrations`, by domain) SFT the learner
     (`cfg.distill`), then its reference is reset to the result. Returns the stage's metrics."""
-    d = cfg.distill
+    distill_cfg = cfg.distill
     kept, metrics = [], {}
-    for domain, specialist in d.specialists.items():
+    for domain, specialist in distill_cfg.specialists.items():
         if specialist.startswith("data:"):
             samples = good = (demos or {})[domain]  # the user's demonstrations: taken as they are
         else:
@@ -127,16 +127,16 @@ def distill(cfg, tok, specs: dict, pool, agent, train_prompts: list, learner, de
     if not kept:
         raise RuntimeError("distillation kept no sample: check distill.specialists and the reward specs")
     rng, losses = random.Random(0), []
-    for _ in range(d.dsa_warmup_steps):  # DSA dense warm-up: indexer only, main model frozen
-        kl = learner.dsa_warmup_step(rng.sample(kept, min(d.batch_size, len(kept))), d.dsa_warmup_lr)
+    for _ in range(distill_cfg.dsa_warmup_steps):  # DSA dense warm-up: indexer only, main model frozen
+        kl = learner.dsa_warmup_step(rng.sample(kept, min(distill_cfg.batch_size, len(kept))), distill_cfg.dsa_warmup_lr)
         metrics.setdefault("distill/dsa_warmup_kl_first", kl)
         metrics["distill/dsa_warmup_kl_last"] = kl
-    learner.set_lr(d.lr)
-    shown = bar(d.epochs * -(-len(kept) // d.batch_size), "distill (SFT)", unit="batch")
-    for _ in range(d.epochs):
+    learner.set_lr(distill_cfg.lr)
+    shown = bar(distill_cfg.epochs * -(-len(kept) // distill_cfg.batch_size), "distill (SFT)", unit="batch")
+    for _ in range(distill_cfg.epochs):
         rng.shuffle(kept)
-        for s in range(0, len(kept), d.batch_size):
-            losses.append(learner.train_step(kept[s : s + d.batch_size], loss="sft")["nll"])
+        for s in range(0, len(kept), distill_cfg.batch_size):
+            losses.append(learner.train_step(kept[s : s + distill_cfg.batch_size], loss="sft")["nll"])
             shown.set_postfix(nll=f"{losses[-1]:.3f}", refresh=False)
             shown.update()
     shown.close()

@@ -268,10 +268,10 @@ class Learner:
     def zero_grads(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def full_grads(self) -> dict[str, torch.Tensor]:
-        """Unsharded gradients (for tests of the loss normalisation); every rank must call."""
-        return {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().cpu().clone()
-                for n, p in self.model.named_parameters() if p.grad is not None}
+    def apply(self, fn, *args):
+        """`fn(self, *args)` on this rank: a diagnostic or user hook, run on every rank by
+        `LearnerGroup.apply` (a `fn` that gathers sharded tensors must run on all of them)."""
+        return fn(self, *args)
 
     def accumulate_grads(self, samples: list[Sample], plan: "StepPlan", loss: str | None = None) -> dict[str, float]:
         """Forward + backward over this rank's micro-batches; gradients accumulate, no optimiser step.
@@ -563,6 +563,10 @@ class LearnerGroup:
 
     def dsa_warmup_step(self, samples: list[Sample], lr: float) -> float:
         return self._all("dsa_warmup_step", _PerRank([samples[r :: self.world_size] for r in range(self.world_size)]), lr)[0]
+
+    def apply(self, fn, *args) -> list:
+        """`fn(learner, *args)` on every rank (`Learner.apply`); each rank's result, in rank order."""
+        return self._all("apply", fn, *args)
 
     def logprobs(self, samples: list[Sample]) -> list[list[float]]:
         return self._all("logprobs", samples)[0]

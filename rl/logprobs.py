@@ -15,37 +15,6 @@ from __future__ import annotations
 import torch
 
 
-def csr_to_padded(offsets: torch.Tensor, ids: torch.Tensor, pad: int = -1) -> torch.Tensor:
-    """Kept sets in CSR form (`offsets [N+1]`, `ids [nnz]`) -> `[N, K_max]` padded with `pad`."""
-    counts = offsets[1:] - offsets[:-1]  # [N]
-    n, k = counts.numel(), int(counts.max()) if counts.numel() else 0
-    out = torch.full((n, k), pad, dtype=torch.long)
-    col = torch.arange(ids.numel()) - torch.repeat_interleave(offsets[:-1], counts)
-    out[torch.repeat_interleave(torch.arange(n), counts), col] = ids.long()
-    return out
-
-
-class _PaddedKept:
-    """Kept sets given as a padded `[N, K]` id tensor (-1 = padding) behind the `chunk(s, e, device)`
-    interface of `rl.batch.KeptBatch` (small inputs and tests; the learner uses KeptBatch)."""
-
-    def __init__(self, padded: torch.Tensor, vocab_size: int):
-        self.padded, self.vocab_size = padded.long(), vocab_size
-
-    def chunk(self, s: int, e: int, device):
-        return "ids", self.padded[s:e].to(device), torch.ones(e - s, dtype=torch.bool, device=device)
-
-
-def _as_kept(kept_ids, n: int, vocab_size: int):
-    """None, an object with `chunk(s, e, device)` (rl.batch.KeptBatch), a padded `[..., K]` tensor, or a
-    CSR `(offsets, ids)` pair -> None or an object with `chunk`."""
-    if kept_ids is None or not isinstance(kept_ids, (torch.Tensor, tuple, list)):
-        return kept_ids
-    if isinstance(kept_ids, (tuple, list)):
-        kept_ids = csr_to_padded(*kept_ids)
-    return _PaddedKept(kept_ids.reshape(n, -1), vocab_size)
-
-
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
     """`[n, V]` logits in at least fp32 (bf16 models: matmul in bf16 like the HF head, softmax in fp32)."""
     logits = h @ weight.T
@@ -146,7 +115,7 @@ def token_logprobs(
     token_ids: torch.Tensor,  # [B, L] (or [N]) the tokens whose log-prob is wanted (already shifted)
     chunk_size: int = 256,
     *,
-    kept_ids=None,  # optional rl.batch.KeptBatch, [B, L, K] padded with -1, or CSR (offsets, ids) over B*L positions
+    kept_ids=None,  # optional rl.batch.KeptBatch (anything with its `chunk(s, e, device)`) over the B*L positions
     temperature: float = 1.0,
     return_entropy: bool = False,
     return_stats: bool = False,
@@ -166,26 +135,9 @@ def token_logprobs(
     ids = token_ids.reshape(-1).long()
     if h.shape[0] != ids.numel():
         raise ValueError(f"token_logprobs: hidden has {h.shape[0]} positions but token_ids has {ids.numel()}")
-    kept = _as_kept(kept_ids, ids.numel(), lm_head_weight.shape[0])
     want = return_entropy or return_stats
-    logp, ent, mass = _ChunkedTokenLogprobs.apply(h, lm_head_weight, ids, kept, chunk_size, float(temperature), want)
+    logp, ent, mass = _ChunkedTokenLogprobs.apply(h, lm_head_weight, ids, kept_ids, chunk_size, float(temperature), want)
     if return_stats:
         mass = mass.reshape(shape) if mass.numel() else torch.ones_like(logp).reshape(shape)
         return logp.reshape(shape), ent.reshape(shape), mass
     return (logp.reshape(shape), ent.reshape(shape)) if return_entropy else logp.reshape(shape)
-
-
-def sampling_mask_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, kept_ids) -> torch.Tensor:
-    """log-probs of `token_ids` under softmax(logits) renormalised over each position's kept set.
-
-    `logits` `[..., V]`, `token_ids` `[...]`, `kept_ids` `[..., K]` padded with -1 or CSR `(offsets, ids)`
-    (vLLM's layout) over the flattened positions. Equivalent to setting logits outside the set to -inf;
-    a token outside its set gets -inf. For long sequences use `token_logprobs(..., kept_ids=...)`, which
-    does the same from hidden states in chunks.
-    """
-    flat = logits.reshape(-1, logits.shape[-1])
-    flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
-    ids = token_ids.reshape(-1, 1).long()
-    support, _, in_set = _kept_support(flat.clone(), ids, _as_kept(kept_ids, ids.shape[0], flat.shape[-1]), 0, ids.shape[0])
-    out = flat.gather(-1, ids).squeeze(-1) - torch.logsumexp(support, -1)
-    return out.masked_fill(~in_set, float("-inf")).reshape(token_ids.shape)

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 
 import numpy as np
 import pytest
 import torch
+from ray import cloudpickle
 
 from rl.algos import LossConfig
 from rl.learner import Learner, LearnerConfig, LearnerGroup, _PerRank, plan_step
@@ -15,6 +17,13 @@ from rollout.reference_engine import ReferenceEngine
 
 SAMPLING = SamplingConfig(n=4, temperature=0.8, top_p=0.9, max_tokens=10, seed=0)
 PROMPTS = [[5, 6, 7, 8], [100, 200, 300], [42, 43], [9, 8, 7, 6, 5]]
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # full_grads runs in the rank actors
+
+
+def full_grads(learner: Learner) -> dict[str, torch.Tensor]:
+    """Unsharded gradients (for the loss-normalisation tests); on a group, every rank must run it."""
+    return {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().cpu().clone()
+            for n, p in learner.model.named_parameters() if p.grad is not None}
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +88,7 @@ def test_replay_forces_recorded_experts_and_router_gets_gradient(learner, moe_sa
             n = s.routed_experts.shape[0]
             assert torch.equal(idx[b, :n].cpu(), torch.as_tensor(s.routed_experts[:, layer], dtype=torch.long))
     assert sums["routing_agreement"] / sums["_tokens"] < 0.5  # the router disagreed, replay won
-    grads = learner.full_grads()
+    grads = full_grads(learner)
     router = [n for n in grads if n.endswith("gate.weight")]
     assert router and all(grads[n].abs().sum() > 0 for n in router)
     learner.optimizer.zero_grad(set_to_none=True)
@@ -102,10 +111,10 @@ def test_two_ranks_equal_one_rank_and_resume_is_exact(ray_cluster, tiny_moe, moe
     two = LearnerGroup(LearnerConfig(micro_batch_size=4, **base), world_size=2)
     try:
         one._all("accumulate_grads", _PerRank([samples]), plan_step(samples, 1, 4))
-        g1 = one._all("full_grads")[0]
+        g1 = one.apply(full_grads)[0]
         shards = _PerRank([samples[r::2] for r in range(2)])
         two._all("accumulate_grads", shards, plan_step(samples, 2, 4))
-        g2 = two._all("full_grads")[0]
+        g2 = two.apply(full_grads)[0]
         assert g1.keys() == g2.keys()
         for k in g1:
             torch.testing.assert_close(g2[k], g1[k], rtol=1e-4, atol=1e-7, msg=k)
@@ -176,7 +185,7 @@ def test_gradient_checkpointing_replays_the_same_experts_in_backward(tiny_moe, m
     for ckpt in (False, True):
         lrn = Learner(LearnerConfig(model=tiny_moe, temperature=SAMPLING.temperature, gradient_checkpointing=ckpt))
         lrn.accumulate_grads(forced, plan_step(forced, 1, 8))
-        grads.append(lrn.full_grads())
+        grads.append(full_grads(lrn))
     assert grads[0].keys() == grads[1].keys()
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7, msg=k)

@@ -6,8 +6,7 @@ import math
 import pytest
 import torch
 
-from rl.algos import sampling_mask_logprobs, token_logprobs
-from rl.logprobs import csr_to_padded
+from rl.algos import token_logprobs
 
 
 def _inputs(B=3, L=7, H=16, V=50, seed=0, dtype=torch.float64):
@@ -16,6 +15,27 @@ def _inputs(B=3, L=7, H=16, V=50, seed=0, dtype=torch.float64):
     w = torch.randn(V, H, generator=g, dtype=dtype, requires_grad=True)
     ids = torch.randint(0, V, (B, L), generator=g)
     return hidden, w, ids
+
+
+class Padded:
+    """Kept sets as a padded `[..., K]` id tensor (-1 = padding) behind `rl.batch.KeptBatch`'s `chunk`
+    interface (what `token_logprobs` reads): the small hand-made inputs of these tests."""
+
+    def __init__(self, padded: torch.Tensor):
+        self.padded = padded.reshape(-1, padded.shape[-1]).long()
+
+    def chunk(self, s: int, e: int, device):
+        return "ids", self.padded[s:e].to(device), torch.ones(e - s, dtype=torch.bool, device=device)
+
+
+def sampling_mask_logprobs(logits, token_ids, kept):
+    """The dense oracle: log-probs of `token_ids` under softmax(logits) with every logit outside the
+    position's kept set (`[..., K]`, -1 = padding) at -inf."""
+    V = logits.shape[-1]
+    allowed = torch.zeros(*kept.shape[:-1], V + 1, dtype=torch.bool)
+    allowed.scatter_(-1, torch.where(kept < 0, V, kept), True)
+    masked = logits.masked_fill(~allowed[..., :V], float("-inf"))
+    return torch.log_softmax(masked, -1).gather(-1, token_ids[..., None]).squeeze(-1)
 
 
 def _full(hidden, w, ids, temperature=1.0):
@@ -69,7 +89,7 @@ def test_chunked_sampling_mask_equals_full_and_loop():
     kept = torch.stack([torch.randperm(V, generator=g)[:K] for _ in range(B * L)]).reshape(B, L, K)
     kept[..., -2:] = torch.where(torch.rand(B, L, 2, generator=g) < 0.5, -1, kept[..., -2:])  # ragged sets
     ids = kept[..., 0]  # the sampled token is always in its kept set
-    out = token_logprobs(hidden, w, ids, 3, kept_ids=kept)
+    out = token_logprobs(hidden, w, ids, 3, kept_ids=Padded(kept))
     logits = hidden @ w.T
     full = sampling_mask_logprobs(logits, ids, kept)
     loop = _sampling_mask_loop(logits.reshape(-1, V), ids.reshape(-1), kept.reshape(-1, K)).reshape(B, L)
@@ -81,21 +101,10 @@ def test_chunked_sampling_mask_equals_full_and_loop():
     torch.testing.assert_close(gw, rw, rtol=1e-9, atol=1e-9)
 
 
-def test_csr_kept_sets_equal_padded():
-    offsets = torch.tensor([0, 2, 3, 6])
-    ids = torch.tensor([4, 1, 7, 0, 2, 5])
-    assert csr_to_padded(offsets, ids).tolist() == [[4, 1, -1], [7, -1, -1], [0, 2, 5]]
-    logits = torch.randn(3, 8)
-    tok = torch.tensor([1, 7, 2])
-    torch.testing.assert_close(
-        sampling_mask_logprobs(logits, tok, (offsets, ids)), sampling_mask_logprobs(logits, tok, csr_to_padded(offsets, ids))
-    )
-
-
 def test_full_kept_set_is_the_plain_softmax():
     hidden, w, ids = _inputs(2, 3, 8, 12, seed=6)
     everything = torch.arange(12).expand(2, 3, 12)
-    torch.testing.assert_close(token_logprobs(hidden, w, ids, 2, kept_ids=everything), _full(hidden, w, ids))
+    torch.testing.assert_close(token_logprobs(hidden, w, ids, 2, kept_ids=Padded(everything)), _full(hidden, w, ids))
 
 
 def test_bad_shapes_fail_clearly():
@@ -126,7 +135,7 @@ def test_empty_kept_row_and_token_outside_its_set_are_finite_in_gradients():
     kept = torch.full((1, 3, 4), -1)
     kept[0, 0, :2] = torch.tensor([ids[0, 0], 3])  # a normal row
     kept[0, 2, :1] = (ids[0, 2] + 1) % 12  # the token is not in its set; row 1 stays all padding
-    out, ent, mass = token_logprobs(hidden, w, ids, 2, kept_ids=kept, return_stats=True)
+    out, ent, mass = token_logprobs(hidden, w, ids, 2, kept_ids=Padded(kept), return_stats=True)
     assert torch.isfinite(out[0, 0]) and out[0, 1] == float("-inf") and out[0, 2] == float("-inf")
     assert not torch.isnan(ent).any() and not torch.isnan(mass).any()
     loss = torch.where(torch.isfinite(out), out, torch.zeros_like(out)).sum()
