@@ -145,6 +145,7 @@ class TrainerConfig:
     eval_every: int = 0  # 0 = only at the end
     save_every: int = 10  # checkpoint every this many steps (and at the end); 0 = only at the end
     keep_checkpoints: int = 2  # numbered checkpoints kept (checkpoints/step_N; 'latest' points to the newest)
+    async_checkpoint: bool = True  # periodic checkpoints write in the background (sharded, torch.distributed.checkpoint)
     allow_config_change: bool = False  # resume although the config differs from the run dir's config.yaml
     max_nonfinite_steps: int = 3  # stop after this many steps with a NaN/inf loss or reward
     max_failure_rate: float = 0.5  # stop when more than this fraction of a step's samples failed

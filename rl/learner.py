@@ -91,6 +91,8 @@ class Learner:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / (warm + 1)))
         self.step = 0
         self.policy_version = 0
+        self._pending_ckpt = None  # (future, temp dir, final dir) of a background checkpoint write
+        self._ckpt_group = None  # the gloo group background writes use
 
     # ------------------------------------------------------------------------------------------ setup
     def _seed(self, seed: int) -> None:
@@ -370,54 +372,95 @@ class Learner:
             dist.barrier()
         return path
 
-    def save_checkpoint(self, ckpt_dir: str, extra: dict | None = None) -> None:
-        """Model, optimizer, scheduler, RNG, step, version and the caller's `extra` (data position...),
-        written to a temp dir and renamed into place: a crash leaves the previous checkpoint intact."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    def save_checkpoint(self, ckpt_dir: str, extra: dict | None = None, wait: bool = True) -> list[str]:
+        """Model, optimizer and reference sharded with `torch.distributed.checkpoint` (each rank writes its own
+        shards: nothing is gathered on one rank, and a later run may load them at another world size), plus
+        rank 0's `meta.pt`: scheduler, RNG, step, version, config and the caller's `extra` (data position...).
+        Written to a temp dir, sealed by a COMPLETE marker once every rank's shards are written, then renamed
+        into place: a crash leaves the previous checkpoint intact. `wait=False` returns once the state is
+        staged in CPU memory and writes in a background thread (on a gloo group of its own, so that it never
+        interleaves with training's collectives); the next save or `finish_checkpoint` seals it. Returns the
+        checkpoint dirs sealed by this call (the pending one first). Every rank must call."""
+        import torch.distributed.checkpoint as dcp
 
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=opts)
-        # The reference is part of the state: after distillation it is the distilled model, not the init.
-        ref_sd = get_model_state_dict(self.ref, options=opts) if self.ref is not None else None
+        sealed = self.finish_checkpoint()
+        out = Path(ckpt_dir)
+        tmp = out.with_name(f".{out.name}.tmp")
         if self.rank == 0:
-            out = Path(ckpt_dir)
-            tmp = out.with_name(f".{out.name}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            torch.save({"model": model_sd, "optimizer": optim_sd, "reference": ref_sd, "scheduler": self.scheduler.state_dict(),
-                        "rng": _rng_state(), "step": self.step, "policy_version": self.policy_version,
-                        "config": asdict(self.cfg), "extra": extra or {}}, tmp / "state.pt")
+            torch.save({"scheduler": self.scheduler.state_dict(), "rng": _rng_state(), "step": self.step,
+                        "policy_version": self.policy_version, "has_reference": self.ref is not None,
+                        "config": asdict(self.cfg), "world_size": self.world_size, "extra": extra or {}}, tmp / "meta.pt")
+        dist.barrier()
+        state = self._sharded_state()
+        if wait:
+            dcp.save(state, checkpoint_id=str(tmp / "sharded"))
+            return [*sealed, self._seal(tmp, out)]
+        if self._ckpt_group is None:
+            self._ckpt_group = dist.new_group(backend="gloo")
+        self._pending_ckpt = (dcp.async_save(state, checkpoint_id=str(tmp / "sharded"), process_group=self._ckpt_group),
+                              tmp, out)
+        return sealed
+
+    def finish_checkpoint(self) -> list[str]:
+        """Wait for a background checkpoint write and seal it; the sealed dir (or none). Every rank must call."""
+        if self._pending_ckpt is None:
+            return []
+        future, tmp, out = self._pending_ckpt
+        self._pending_ckpt = None
+        future.result()
+        return [self._seal(tmp, out)]
+
+    def _seal(self, tmp: Path, out: Path) -> str:
+        dist.barrier()  # every rank's shards are on disk
+        if self.rank == 0:
             (tmp / "COMPLETE").write_text("ok\n")  # written last: its presence means the state is whole
             replace_dir(tmp, out)
-        if dist.is_initialized():
-            dist.barrier()
+        dist.barrier()
+        return str(out)
+
+    def _sharded_state(self) -> dict:
+        """What DCP saves and loads: this rank's shards (plain tensors on one unsharded rank)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd}
+        if self.ref is not None:  # after distillation the reference is the distilled model, not the init
+            state["reference"] = get_model_state_dict(self.ref)
+        return state
 
     def load_checkpoint(self, ckpt_dir: str) -> dict:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+        """Restore what `save_checkpoint` wrote, at this run's world size (DCP reshards); the caller's `extra`."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
         path = Path(ckpt_dir)
         if self.rank == 0:
             recover_dir(path)
-        if dist.is_initialized():
-            dist.barrier()
+        dist.barrier()
         if not (path / "COMPLETE").is_file():
             raise FileNotFoundError(f"checkpoint '{ckpt_dir}' is incomplete or missing (no COMPLETE marker)")
-        state = torch.load(path / "state.pt", weights_only=False)
-        opts = StateDictOptions(full_state_dict=True)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                       options=opts)
+        if not (path / "meta.pt").is_file():
+            raise ValueError(f"checkpoint '{ckpt_dir}' was written by an older version (one state.pt, before sharded "
+                             "checkpoints): resume it with that version, or start a new run dir")
+        meta = torch.load(path / "meta.pt", weights_only=False)
+        if self.ref is not None and not meta["has_reference"]:
+            raise ValueError(f"checkpoint '{ckpt_dir}' has no reference model, but this run's KL needs one "
+                             "(algo.kl_coef > 0): it was saved by a run without KL")
+        state = self._sharded_state()
+        dcp.load(state, checkpoint_id=str(path / "sharded"))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         if self.ref is not None:
-            if state.get("reference") is None:
-                raise ValueError(f"checkpoint '{ckpt_dir}' has no reference model, but this run's KL needs one "
-                                 "(algo.kl_coef > 0): it was saved by a run without KL or by an older version")
-            set_model_state_dict(self.ref, state["reference"], options=opts)
-        self.scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        self.step, self.policy_version = state["step"], state["policy_version"]
-        return state["extra"]
+            set_model_state_dict(self.ref, state["reference"])
+        self.scheduler.load_state_dict(meta["scheduler"])
+        _set_rng_state(meta["rng"])
+        self.step, self.policy_version = meta["step"], meta["policy_version"]
+        return meta["extra"]
 
     def shutdown(self) -> None:
         if dist.is_initialized():
+            self.finish_checkpoint()  # a background write is sealed, not left half-done
             dist.destroy_process_group()
 
 
@@ -584,8 +627,11 @@ class LearnerGroup:
 
         return ray.get(self.actors[0].placement.remote())
 
-    def save_checkpoint(self, ckpt_dir: str, extra: dict | None = None) -> None:
-        self._all("save_checkpoint", ckpt_dir, extra)
+    def save_checkpoint(self, ckpt_dir: str, extra: dict | None = None, wait: bool = True) -> list[str]:
+        return self._all("save_checkpoint", ckpt_dir, extra, wait)[0]
+
+    def finish_checkpoint(self) -> list[str]:
+        return self._all("finish_checkpoint")[0]
 
     def load_checkpoint(self, ckpt_dir: str) -> dict:
         return self._all("load_checkpoint", ckpt_dir)[0]

@@ -170,12 +170,20 @@ def check_budgets(batch: Batch, metrics: dict, cfg: Config, nonfinite: int) -> i
     return nonfinite
 
 
-def save(s: Setup, learner, step: int, position: dict | None) -> None:
-    """Checkpoint `step` as checkpoints/step_N (atomic: the learner writes a temp dir with a COMPLETE marker
-    and renames it), point checkpoints/latest at it, keep the newest `trainer.keep_checkpoints`."""
-    path = rundir.step_dir(s.dir, step)
-    learner.save_checkpoint(str(path), {"step": step, "data_position": position})
-    rundir.point_latest(s.dir, path, s.cfg.trainer.keep_checkpoints)
+def save(s: Setup, learner, step: int, position: dict | None, wait: bool = True) -> None:
+    """Checkpoint `step` as checkpoints/step_N (atomic: the learner writes a temp dir, seals it with a
+    COMPLETE marker and renames it), point checkpoints/latest at it, keep the newest `trainer.keep_checkpoints`.
+    `wait=False` (periodic saves with `trainer.async_checkpoint`): the write goes on while training continues,
+    and `latest` moves when it is sealed, at the next save or `finish_saves`."""
+    sealed = learner.save_checkpoint(str(rundir.step_dir(s.dir, step)), {"step": step, "data_position": position},
+                                     wait=wait or not s.cfg.trainer.async_checkpoint)
+    for path in sealed:
+        rundir.point_latest(s.dir, Path(path), s.cfg.trainer.keep_checkpoints)
+
+
+def finish_saves(s: Setup, learner) -> None:
+    for path in learner.finish_checkpoint():
+        rundir.point_latest(s.dir, Path(path), s.cfg.trainer.keep_checkpoints)
 
 
 def start(s: Setup, learner, engines, resume: bool, demos: dict):
@@ -221,11 +229,12 @@ def _loop(s: Setup, resume: bool, demos: dict):
             tracker.log_consumed(step + 1, batch.sources)
             _progress(cfg, step + 1, row)
             stopping = STOP.check(step + 1)
-            if due(cfg.trainer.save_every, step + 1, steps) or stopping:
-                save(s, learner, step + 1, batch.position)  # not stream.position: a collection may be in flight
+            if due(cfg.trainer.save_every, step + 1, steps) or stopping:  # not stream.position: a collection may be in flight
+                save(s, learner, step + 1, batch.position, wait=stopping)
             if stopping:
                 break
         prefetch.close()
+        finish_saves(s, learner)
         if not stopping:  # a stopped run ends at its checkpoint; the rerun does the rest
             tracker.log(steps, {"_kind": "eval", **evaluate(s, engines)})
             save(s, learner, steps, stream.position)  # nothing in flight

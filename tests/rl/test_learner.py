@@ -103,7 +103,8 @@ def test_agreement_is_logged_without_replay(tiny_moe, moe_samples):
 @pytest.mark.slow
 def test_two_ranks_equal_one_rank_and_resume_is_exact(ray_cluster, tiny_moe, moe_samples, tmp_path):
     """1 process x 4 micro-batches == 2 processes x 2 micro-batches (gradients); training on a fixed batch
-    lowers the loss; resuming from a checkpoint reproduces the next step's loss exactly."""
+    lowers the loss; resuming from a (background-written, sharded) checkpoint reproduces the next step's loss
+    exactly, and at world size 1 up to the reduction order."""
     samples = moe_samples[:16]
     base = dict(model=tiny_moe, temperature=SAMPLING.temperature, lr=3e-3, kl_coefs={"default": 0.05},
                 loss_cfg=LossConfig(opsm_delta=1.0))
@@ -118,15 +119,24 @@ def test_two_ranks_equal_one_rank_and_resume_is_exact(ray_cluster, tiny_moe, moe
         assert g1.keys() == g2.keys()
         for k in g1:
             torch.testing.assert_close(g2[k], g1[k], rtol=1e-4, atol=1e-7, msg=k)
+        one._all("zero_grads")
         two._all("zero_grads")
 
         losses = [two.train_step(samples)["loss"] for _ in range(3)]
         assert losses[-1] < losses[0], losses
-        two.save_checkpoint(str(tmp_path / "ckpt"), {"data_position": 7})
+        ckpt = str(tmp_path / "ckpt")
+        assert two.save_checkpoint(ckpt, {"data_position": 7}, wait=False) == []  # written while the next step trains
         expected = two.train_step(samples)
-        assert two.load_checkpoint(str(tmp_path / "ckpt")) == {"data_position": 7}
+        assert not (tmp_path / "ckpt").exists() and two.finish_checkpoint() == [ckpt]
+        assert sorted(p.name for p in (tmp_path / "ckpt" / "sharded").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+        assert two.load_checkpoint(ckpt) == {"data_position": 7}
         again = two.train_step(samples)
         assert again["loss"] == expected["loss"] and again["grad_norm"] == expected["grad_norm"]
+        # Resharded: the two ranks' checkpoint resumes on one rank (same step up to the reduction order).
+        assert one.load_checkpoint(ckpt) == {"data_position": 7}
+        alone = one.train_step(samples)
+        assert alone["loss"] == pytest.approx(expected["loss"], rel=1e-5, abs=1e-7)
+        assert alone["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4)
     finally:
         one.shutdown()
         two.shutdown()
