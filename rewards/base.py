@@ -33,8 +33,32 @@ Scorer = Callable[..., list]
 SCORERS: Registry = Registry("scorer")
 
 
-def register_scorer(name: str) -> Callable[[Scorer], Scorer]:
-    return SCORERS.register(name)
+def register_scorer(name: str, warm: Callable[[], None] | None = None) -> Callable[[Scorer], Scorer]:
+    """`warm()`: optional one-time set-up (imports, models) that `rewards.pool` runs in the parent before it
+    forks scorer children, so that they inherit it instead of redoing it at every call."""
+    def deco(fn: Scorer) -> Scorer:
+        fn.warm = warm
+        return SCORERS.register(name)(fn)
+
+    return deco
+
+
+_WARMED: set[str] = set()
+_WARM_LOCK = threading.Lock()
+
+
+def warm_scorer(name: str) -> None:
+    """Run scorer `name`'s `warm()` once per process (a no-op for scorers without one)."""
+    with _WARM_LOCK:
+        if name in _WARMED:
+            return
+        _WARMED.add(name)
+        warm = getattr(get_scorer(name), "warm", None)
+        try:
+            if warm is not None:
+                warm()
+        except Exception:  # noqa: BLE001  only a speed-up: the scorer's own call reports what is wrong
+            pass
 
 
 def get_scorer(name: str) -> Scorer:

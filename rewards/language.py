@@ -33,7 +33,10 @@ def _detector(script: str):
     from lingua import Language, LanguageDetectorBuilder
 
     names = _LATIN if script == "latin" else _CYRILLIC
-    return LanguageDetectorBuilder.from_languages(*(getattr(Language, n) for n in names)).build()
+    # Preloaded (~350 MB for both scripts, ~2.5 s once): lingua otherwise loads each language's model at its
+    # first detection, which a forked scorer child would redo at every call (rewards.pool warms this in the
+    # parent; measured on 64 completions: 0.16 s per batch vs 0.24 s lazy, 0.53 s with nothing warmed).
+    return LanguageDetectorBuilder.from_languages(*(getattr(Language, n) for n in names)).with_preloaded_language_models().build()
 
 
 def _detect(script: str, words: list[str]) -> str:
@@ -94,7 +97,12 @@ def language_consistency(text: str, target: str) -> float | None:
     return sum(lang == target for lang in langs) / len(langs) if langs else None
 
 
-@register_scorer("language_consistency")
+def _warm_language() -> None:
+    for script in ("latin", "cyrillic"):
+        _detector(script)
+
+
+@register_scorer("language_consistency", warm=_warm_language)
 def language_scorer(completions: list[str], language: list | None = None, prompt: list | None = None, **_):
     """Language consistency of the reasoning (inside the thinking tags; the whole text when there are
     none). Target: the row's `language`, else the dominant language of the row's `prompt`. Abstains

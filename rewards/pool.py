@@ -35,6 +35,7 @@ from rewards.base import (
     get_scorer,
     merge_events,
     record_event,
+    warm_scorer,
 )
 from rewards.spec import RewardSpec
 
@@ -149,6 +150,8 @@ class ScoringPool:
 
     def score(self, spec: RewardSpec, completions: list[str], rows: dict[str, list]) -> list[dict[str, float | None]]:
         """One reward vector (dimension -> score or None) per completion; dimensions scored concurrently."""
+        for d in spec.dimensions:  # imports and models built here once are inherited by every forked child
+            warm_scorer(d.scorer)
         # Each thread runs in a copy of the caller's context: its events reach the caller's collect_events().
         futures = {d.name: self._threads.submit(contextvars.copy_context().run, self.run_scorer, d.scorer, d.args, completions, rows)
                    for d in spec.dimensions}

@@ -32,7 +32,11 @@ def math_equal(gold: str, prediction: str) -> bool | None:
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
 
 
-@register_scorer("math")
+def _warm_math() -> None:
+    math_equal("1/2", "\\boxed{\\frac{1}{2}}")  # imports math-verify, sympy and the LaTeX parser
+
+
+@register_scorer("math", warm=_warm_math)
 def math_scorer(completions: list[str], answer: list, **_) -> list[float | None]:
     """1.0 if the final answer (after `</think>`) is equivalent to a gold answer, else 0.0.
 
