@@ -568,7 +568,7 @@ class LearnerGroup:
                            for r in range(world_size)]
             ray.get([a.__ray_ready__.remote() for a in self.actors])
         except BaseException:
-            self._release()
+            self.kill()
             raise
 
     def _all(self, method: str, *args_per_rank, timeout: float | None = None):
@@ -640,9 +640,10 @@ class LearnerGroup:
         try:
             self._all("shutdown", timeout=30)
         finally:
-            self._release()
+            self.kill()
 
-    def _release(self) -> None:
+    def kill(self) -> None:
+        """Kill every rank and free their placement group (no clean shutdown: for ranks that died or hang)."""
         import ray
         from ray.util.placement_group import remove_placement_group
 

@@ -41,6 +41,28 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture(autouse=True)
+def no_leaked_placement_groups(request):
+    """A test on the session's cluster must free what it reserved: a placement group left behind holds its
+    CPUs for the rest of the session, and a later test then waits forever for an actor (as a killed
+    learner group's did). The leak fails the test that made it and is removed."""
+    yield
+    if "ray_cluster" not in request.fixturenames:
+        return
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    left = [pg_id for pg_id, pg in placement_group_table().items() if pg["state"] != "REMOVED"]
+    for pg_id in left:
+        remove_placement_group(PlacementGroup(ray_id(pg_id)))
+    assert not left, f"placement groups left behind: {left}"
+
+
+def ray_id(hex_id: str):
+    from ray._raylet import PlacementGroupID
+
+    return PlacementGroupID(bytes.fromhex(hex_id))
+
+
 @pytest.fixture(scope="session")
 def vllm_moe_actor(ray_cluster, tiny_moe):
     """The session's one vLLM engine (in a Ray actor) on the tiny MoE; ~10-25 s to start."""
