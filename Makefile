@@ -44,7 +44,7 @@ lint: install
 	$(PY) -m ruff check .
 
 test: install lint
-	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+	$(PY) -m pytest tests -q --durations=15 $(PYTEST_ARGS)
 
 test-fast: install
 	$(PY) -m pytest tests -q -m "not slow and not vllm" $(PYTEST_ARGS)

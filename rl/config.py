@@ -56,7 +56,7 @@ class RolloutConfig:
     top_k: int = 0
     max_tokens: int = 64
     max_model_len: int = 1024
-    chunk_prompts: int = 16  # prompts per engine call (dynamic batching granularity)
+    chunk_prompts: int | None = None  # prompts per engine call; None: each engine gets its share of the step at once
     dtype: str = "auto"  # engine weights: float32 | bfloat16 | float16 | auto (bf16 on GPU, fp32 on CPU)
     gpu_memory_utilization: Optional[float] = None  # vLLM's share of its GPU; None: 0.85 alone, 0.4 shared
     enforce_eager: Optional[bool] = None  # vLLM without CUDA graphs; None: eager on CPU, graphs on GPU
@@ -416,6 +416,8 @@ def validate(cfg: Config) -> None:
     validate_captures(cfg)
     validate_placement(cfg)
     _check(rollout.max_tokens >= 1 and rollout.num_engines >= 1, "rollout", "max_tokens and num_engines must be >= 1")
+    _check(rollout.chunk_prompts is None or rollout.chunk_prompts >= 1, "rollout.chunk_prompts",
+           f"must be >= 1 or null (each engine's share at once), got {rollout.chunk_prompts}")
     _check((rollout.engine_gpus or 0) >= 0 and (trainer.learner_gpus or 0) >= 0, "rollout.engine_gpus",
            "GPU counts (and trainer.learner_gpus) must be >= 0")
     _check(trainer.steps >= 0 and trainer.lr > 0 and trainer.world_size >= 1 and trainer.micro_batch_size >= 1, "trainer",

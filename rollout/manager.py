@@ -23,7 +23,7 @@ class RolloutManager:
     """`num_engines` engine actors; `generate` (a `rollout.engine.Generator`) spreads prompt chunks over
     whichever engine is free."""
 
-    def __init__(self, cfg: EngineConfig, num_engines: int = 1, chunk_prompts: int = 8, max_retries: int = 2,
+    def __init__(self, cfg: EngineConfig, num_engines: int = 1, chunk_prompts: int | None = None, max_retries: int = 2,
                  num_cpus: float = 1, num_gpus: float = 0, resources: dict | None = None):
         self.cfg, self.chunk_prompts, self.max_retries = cfg, chunk_prompts, max_retries
         self._actor_cls = engine_actor(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources)
@@ -40,8 +40,10 @@ class RolloutManager:
         from ray.exceptions import RayActorError
 
         stats = stats if stats is not None else GenerationStats()
+        # One call per engine by default (vLLM batches all of its share continuously); a cap splits finer.
+        size = self.chunk_prompts or max(1, -(-len(prompts) // len(self.engines)))
         shown = bar(len(prompts) * sampling.n, "generate", unit="sample", leave=False)
-        todo = [(s, prompts[s : s + self.chunk_prompts], 0) for s in range(0, len(prompts), self.chunk_prompts)]
+        todo = [(s, prompts[s : s + size], 0) for s in range(0, len(prompts), size)]
         done: dict[int, Groups] = {}  # chunk offset -> its groups
         running: dict = {}  # ref -> (engine index, offset, prompts, attempts)
         idle = list(range(len(self.engines)))

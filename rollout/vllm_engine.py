@@ -157,6 +157,7 @@ class VLLMEngine:
             stop_token_ids=list(sampling.stop_token_ids) or None,
             ignore_eos=sampling.ignore_eos,
             logprobs=self.vocab_size if self.mask_from_logprobs else 0,  # else the sampled token's only
+            flat_logprobs=True,  # arrays, not a dict of Logprob objects per token (Samples built without per-token lookups)
             detokenize=False,
         )
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -170,10 +171,15 @@ class VLLMEngine:
 
     def _to_sample(self, prompt_ids: list[int], c, kept=None) -> Sample:
         ids = list(c.token_ids)
+        flat = c.logprobs  # vllm.logprobs.FlatLogprobs: position i's entries are [start_indices[i], end_indices[i])
+        start = np.asarray(flat.start_indices, dtype=np.int64)
+        tok, val = np.asarray(flat.token_ids, dtype=np.int64), np.asarray(flat.logprobs, dtype=np.float64)
+        if not np.array_equal(tok[start], ids):  # V1 lists the sampled token first at every position
+            raise RuntimeError("vLLM's first log-prob entry per position is not the sampled token")
         s = Sample(
             prompt_ids=prompt_ids,
             response_ids=ids,
-            logprobs=[lp[t].logprob for t, lp in zip(ids, c.logprobs)],
+            logprobs=val[start].tolist(),
             loss_mask=[1] * len(ids),
             finish_reason=c.finish_reason,
             status=Status.TRUNCATED if c.finish_reason == "length" else Status.COMPLETED,
@@ -187,9 +193,9 @@ class VLLMEngine:
             s.kept = kept
         elif mask is not None:
             s.kept = KeptSets.from_lists(mask.token_ids, self.vocab_size)
-        elif self.mask_from_logprobs:  # the support of the processed distribution
-            s.kept = KeptSets.from_lists(
-                [[t for t, lp in d.items() if lp.logprob > float("-inf")] for d in c.logprobs], self.vocab_size)
+        elif self.mask_from_logprobs:  # the support of the processed distribution (every token is listed)
+            end, finite = np.asarray(flat.end_indices, dtype=np.int64), np.isfinite(val)
+            s.kept = KeptSets.from_lists([np.unique(tok[a:b][finite[a:b]]) for a, b in zip(start, end)], self.vocab_size)
         if self.cfg.enable_return_routed_experts and s.routed_experts is None:
             raise RuntimeError("vLLM returned no routed experts although enable_return_routed_experts is on")
         if self.mask_source and s.kept is None:

@@ -58,7 +58,7 @@ def synced(s, learner, engines, version):
         runs = {}
         for name, sp in (("greedy", SamplingConfig(n=1, temperature=0.0, max_tokens=12)),
                          ("sampled", SamplingConfig(n=2, temperature=1.0, max_tokens=12, seed=3))):
-            runs[name] = [[(x.response_ids, x.logprobs) for x in ray.get(a.generate.remote(prompts, sp))]
+            runs[name] = [[(x.response_ids, x.logprobs) for g in ray.get(a.generate.remote(prompts, sp)) for x in g]
                           for a in (engines.engines[0], fresh)]
         rec.update(runs=runs, engine_version=ray.get(engines.engines[0].ping.remote()),
                    transport=engines.weight_sync.transport, learner_node=ray.get(learner.actors[0].placement.remote())[0],
@@ -93,7 +93,7 @@ with ray_session(ClusterConfig(address=address)):
     fresh = engine_actor(num_cpus=0.5, resources={"node_b": 0.1}).remote(
         EngineConfig(model=group.export_hf(check_dir), engine="reference", max_model_len=256))
     prompts, sp = [[5 + i, 17, 33 + 2 * i, 9] for i in range(4)], SamplingConfig(n=2, temperature=1.0, max_tokens=12, seed=3)
-    runs = [[(x.response_ids, x.logprobs) for x in ray.get(a.generate.remote(prompts, sp))] for a in (mgr.engines[0], fresh)]
+    runs = [[(x.response_ids, x.logprobs) for g in ray.get(a.generate.remote(prompts, sp)) for x in g] for a in (mgr.engines[0], fresh)]
     ranks = [ray.get(a.placement.remote())[0] for a in group.actors]
     json.dump({"runs": runs, "rank_nodes": ranks, "version": mgr.version}, open(out, "w"))
     group.shutdown()

@@ -121,10 +121,10 @@ def test_generate_sync_regenerate(ray_cluster, request, tmp_path, kind, engine, 
         # on both engines (each loaded every bucket).
         sp = SamplingConfig(n=2, temperature=1.0, max_tokens=6, seed=5)
         fresh = engine_actor(num_cpus=1).remote(EngineConfig(model=new, engine=engine, max_model_len=256, seed=0))
-        b = ray_cluster.get(fresh.generate.remote(PROMPTS[:3], sp))
+        b = [s for g in ray_cluster.get(fresh.generate.remote(PROMPTS[:3], sp)) for s in g]
         ray_cluster.kill(fresh)
         for e in mgr.engines:
-            a = ray_cluster.get(e.generate.remote(PROMPTS[:3], sp))
+            a = [s for g in ray_cluster.get(e.generate.remote(PROMPTS[:3], sp)) for s in g]
             assert [s.response_ids for s in a] == [s.response_ids for s in b]
             assert max(abs(x - y) for s, t in zip(a, b) for x, y in zip(s.logprobs, t.logprobs)) < 1e-6
     finally:

@@ -59,7 +59,7 @@ def test_sampling_mask_from_processed_logprobs(ray_cluster, tiny_dense):
                        extra={"sampling_mask_source": "logprobs"})
     actor = engine_actor(num_cpus=1).remote(cfg)
     sp = SamplingConfig(n=2, temperature=0.9, top_p=0.8, top_k=50, max_tokens=6, seed=0)
-    samples = ray_cluster.get(actor.generate.remote([[5, 6, 7, 8], [50, 60]], sp))
+    samples = [s for g in ray_cluster.get(actor.generate.remote([[5, 6, 7, 8], [50, 60]], sp)) for s in g]
     ray_cluster.kill(actor)
     from transformers import AutoModelForCausalLM
 
