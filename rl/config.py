@@ -141,7 +141,7 @@ class TrainerConfig:
     weight_sync: str = "auto"
     sync_bucket_mb: int = 256  # weights travel in buckets of about this size (one gather + send each)
     mode: str = "sync"  # sync | async (rollouts for step k+1 run while step k trains)
-    max_staleness: int = 1  # async: samples older than this many policy versions are dropped (counted)
+    max_staleness: int = 1  # async: batches are collected up to this many policy versions ahead (older samples dropped)
     eval_every: int = 0  # 0 = only at the end
     save_every: int = 10  # checkpoint every this many steps (and at the end); 0 = only at the end
     keep_checkpoints: int = 2  # numbered checkpoints kept (checkpoints/step_N; 'latest' points to the newest)
@@ -423,7 +423,8 @@ def validate(cfg: Config) -> None:
     _check(trainer.steps >= 0 and trainer.lr > 0 and trainer.world_size >= 1 and trainer.micro_batch_size >= 1, "trainer",
            "steps >= 0, lr > 0, world_size >= 1 and micro_batch_size >= 1 are required")
     _check(trainer.mode in ("sync", "async"), "trainer.mode", f"must be 'sync' or 'async', got {trainer.mode!r}")
-    _check(trainer.max_staleness >= 0, "trainer.max_staleness", "must be >= 0")
+    _check(trainer.max_staleness >= (1 if trainer.mode == "async" else 0), "trainer.max_staleness",
+           f"must be >= 1 in async mode (how many steps collection runs ahead), >= 0 otherwise; got {trainer.max_staleness}")
     _check(trainer.save_every >= 0, "trainer.save_every", f"must be >= 0 (0 = only at the end), got {trainer.save_every}")
     _check(trainer.keep_checkpoints >= 1, "trainer.keep_checkpoints", f"must be >= 1, got {trainer.keep_checkpoints}")
     _check(math.isfinite(trainer.lr), "trainer.lr", "must be finite")

@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,34 +102,38 @@ STOP = Stop()
 
 class Prefetcher:
     """The scheduling of collection, in one place. Sync: step k+1's samples are collected after step k's
-    weights reached the engines (on-policy). Async: collection of step k+1 starts as soon as step k's batch
-    is taken, so generation overlaps training and samples are one policy version stale. Once `stop` has a
-    signal no next collection starts (the loop then stops after this step); one already running is waited
-    for by `close` and its samples dropped (the checkpoint's data position is before its prompts, so the
+    weights reached the engines (on-policy). Async with staleness bound d (`trainer.max_staleness`): when
+    step k's batch is taken, the collections of steps up to k + d are queued (one runs at a time), so
+    generation never waits for training and a batch is at most d policy versions old (it started no earlier
+    than step k's training, whose weights are version k). Once `stop` has a signal no next collection starts
+    (the loop then stops after this step); one already running is waited for by `close`, queued ones are
+    cancelled, and their samples dropped (the checkpoint's data position is before their prompts, so the
     resumed run collects them: no prompt is lost or replayed)."""
 
-    def __init__(self, collect_fn, mode: str, steps: int, stop: Stop):
-        self.collect_fn, self.mode, self.steps, self.stop = collect_fn, mode, steps, stop
+    def __init__(self, collect_fn, mode: str, steps: int, stop: Stop, depth: int = 1):
+        self.collect_fn, self.mode, self.steps, self.stop, self.depth = collect_fn, mode, steps, stop, depth
         self.pool = ThreadPoolExecutor(1)
-        self.pending = None
+        self.pending: deque = deque()  # futures of the next steps' batches, in step order
+        self.queued = 0  # the next step to queue
 
     def start(self, step: int) -> None:
-        if step < self.steps:
-            self.pending = self.pool.submit(self.collect_fn, step)
+        self.queued = step
+        self._queue_until(step)
 
     def take(self, step: int) -> Batch:
-        batch = self.pending.result()
+        batch = self.pending.popleft().result()
         if self.mode == "async":
-            self._next(step + 1)  # generates while this step trains
+            self._queue_until(step + self.depth)  # generates while this step trains
         return batch
 
     def weights_synced(self, step: int) -> None:
         if self.mode == "sync":
-            self._next(step + 1)
+            self._queue_until(step + 1)
 
-    def _next(self, step: int) -> None:
-        if self.stop.signum is None:
-            self.start(step)
+    def _queue_until(self, last: int) -> None:
+        while self.queued <= min(last, self.steps - 1) and self.stop.signum is None:
+            self.pending.append(self.pool.submit(self.collect_fn, self.queued))
+            self.queued += 1
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -149,7 +154,8 @@ def train(learner, batch: Batch, step: int, cfg: Config) -> dict:
     t0 = time.time()
     metrics = learner.train_step(fresh) if fresh else {"loss": 0.0}
     return {**{f"train/{k}": v for k, v in metrics.items()}, "time/train": time.time() - t0,
-            "rollout/stale_dropped": len(trainable) - len(fresh)}
+            "rollout/stale_dropped": len(trainable) - len(fresh),
+            "rollout/staleness_max": max((step - x.policy_version for x in fresh), default=0)}
 
 
 def due(every: int, step: int, last: int) -> bool:
@@ -213,7 +219,7 @@ def _loop(s: Setup, resume: bool, demos: dict):
     with ray_session(cfg.cluster):
         learner, engines = components.learner(cfg, s.model_path, s.kl_coefs), components.engines(cfg, s.model_path)
         first, tracker, stream = start(s, learner, engines, resume, demos)
-        prefetch = Prefetcher(lambda k: collect(s, engines, stream, k), cfg.trainer.mode, steps, STOP)
+        prefetch = Prefetcher(lambda k: collect(s, engines, stream, k), cfg.trainer.mode, steps, STOP, cfg.trainer.max_staleness)
         prefetch.start(first)
         nonfinite, t_last, stopping = 0, time.time(), False
         for step in range(first, steps):

@@ -72,10 +72,11 @@ def test_quickstart_pipeline_runs_and_resumes(tmp_path):
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_vllm_rollouts_async(tmp_path):
-    _, rows = _train(tmp_path / "run", "trainer.steps=2", "trainer.mode=async", "rollout=vllm", "model=tiny_dense",
-                     "distill.enabled=false")
+    _, rows = _train(tmp_path / "run", "trainer.steps=3", "trainer.mode=async", "trainer.max_staleness=2", "rollout=vllm",
+                     "model=tiny_dense", "distill.enabled=false")
     steps = [r for r in rows if "train/loss" in r]
-    assert [r["step"] for r in steps] == [1, 2] and steps[1]["rollout/stale_dropped"] == 0
+    assert [r["step"] for r in steps] == [1, 2, 3] and all(r["rollout/stale_dropped"] == 0 for r in steps)
+    assert all(r["rollout/staleness_max"] <= 2 for r in steps)
     assert steps[0]["train/mismatch_kl"] < 1e-3  # vLLM vs learner at the same weights (fp32)
 
 

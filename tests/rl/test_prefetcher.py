@@ -1,0 +1,60 @@
+"""rl.train.Prefetcher: the one scheduling decision of the loop (sync, async with a staleness bound)."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from rl.train import Prefetcher, Stop
+
+
+def _run(mode: str, depth: int, steps: int = 8):
+    """The loop's calls to the prefetcher, with a fake collection that records the policy version (weights
+    synced so far) and the newest step taken when it starts. "Training" lasts until every queued collection
+    has started (the slowest case for staleness, deterministic)."""
+    state = {"version": 0, "taken": -1}
+    started, lock = {}, threading.Lock()
+
+    def collect(k):
+        with lock:
+            started[k] = (state["version"], state["taken"])
+        return k
+
+    stop = Stop()
+    p = Prefetcher(collect, mode, steps, stop, depth)
+    p.start(0)
+    for step in range(steps):
+        assert p.take(step) == step
+        state["taken"] = step
+        while len(started) < p.queued:  # train
+            time.sleep(0.001)
+        state["version"] = step + 1  # sync
+        p.weights_synced(step)
+    p.close()
+    return started
+
+
+def test_sync_collects_on_policy():
+    started = _run("sync", depth=1)
+    assert all(version == k for k, (version, _) in started.items())
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_async_runs_ahead_by_at_most_the_staleness_bound(depth):
+    started = _run("async", depth)
+    assert sorted(started) == list(range(8))
+    stale = {k: k - version for k, (version, _) in started.items()}
+    assert max(stale.values()) == depth, stale  # collection ran ahead as far as allowed ...
+    assert all(k - taken <= depth for k, (_, taken) in started.items())  # ... and never further
+
+
+def test_a_signal_queues_nothing_more():
+    stop = Stop()
+    p = Prefetcher(lambda k: k, "async", 10, stop, 3)
+    p.start(0)
+    assert p.take(0) == 0 and len(p.pending) == 3
+    stop.signum = 15
+    p.take(1)
+    assert p.queued == 4  # nothing new after the signal
+    p.close()
