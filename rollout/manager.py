@@ -78,14 +78,20 @@ class RolloutManager:
         """Every engine loads the HF checkpoint at `path`; then each must report `version`, else StaleWeightsError."""
         import ray
 
-        got = ray.get([e.update_weights.remote(path, version) for e in self.engines])
+        from rollout.weight_transfer import engine_versions
+
+        got = engine_versions([e.update_weights.remote(path, version) for e in self.engines])
         self.synced(version, got, lambda actor: ray.get(actor.update_weights.remote(path, version)))
 
-    def synced(self, version: int, got: list[int], restore) -> None:
-        """Record a finished sync: `got` holds each engine's version (StaleWeightsError unless all are
-        `version`); `restore(actor)` brings a restarted engine to the same weights."""
+    def synced(self, version: int, got: list[int | None], restore) -> None:
+        """Record a finished sync: `got` holds each engine's version, None for one that died during the sync
+        (restarted here and brought to the same weights by `restore(actor)`, as later restarts are);
+        StaleWeightsError unless all are then at `version`."""
         self.version, self._restore = version, restore
-        self.check_versions(got)
+        for i in [i for i, v in enumerate(got) if v is None]:
+            log.warning("engine %d died during the weight sync to version %d: restarted and restored", i, version)
+            self._restart(i)
+        self.check_versions(None if None in got else got)
 
     def check_versions(self, got: list[int] | None = None) -> None:
         import ray

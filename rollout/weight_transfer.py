@@ -62,8 +62,23 @@ class SyncSpec:
 class Pushed:
     """What a push returns (from learner rank 0): each engine's version, and the buckets (object store)."""
 
-    versions: list[int]
+    versions: list[int | None]  # None: the engine died during the sync (the manager restarts and restores it)
     refs: list | None = None
+
+
+def engine_versions(refs: list) -> list[int | None]:
+    """Each engine's version after a sync call; None for an engine that died meanwhile (not an error here:
+    `rollout.manager.RolloutManager.synced` replaces it and brings the new actor to the same weights)."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    out = []
+    for ref in refs:
+        try:
+            out.append(ray.get(ref))
+        except RayActorError:
+            out.append(None)
+    return out
 
 
 # -------------------------------------------------------------------------------------------------- names
@@ -174,10 +189,9 @@ class ObjectStoreSender:
         self.refs.append(ray.put(pack(bucket)))
 
     def finish(self, version: int) -> Pushed:
-        import ray
 
         # The refs travel inside a list, so Ray does not resolve them up front: each engine fetches as it loads.
-        return Pushed(ray.get([e.update_weights_from_refs.remote(self.refs, version) for e in self.engines]), self.refs)
+        return Pushed(engine_versions([e.update_weights_from_refs.remote(self.refs, version) for e in self.engines]), self.refs)
 
 
 @SENDERS.register("ipc")

@@ -156,6 +156,31 @@ def test_dead_engine_is_restarted_synced_and_nothing_is_lost(ray_cluster, tiny_d
         mgr.shutdown()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["checkpoint", "object_store"])
+def test_engine_dead_during_a_sync_is_restarted_with_the_new_weights(ray_cluster, tiny_dense, tmp_path, transport):
+    """An engine that dies while the weights are pushed: the sync still ends with every engine at the new
+    version (the dead one replaced and loaded like a later restart), and generation loses nothing."""
+    cfg = EngineConfig(model=tiny_dense, engine="reference", max_model_len=256, seed=0)
+    mgr = RolloutManager(cfg, num_engines=2)
+    try:
+        new = perturbed_checkpoint(tiny_dense, tmp_path / "w")
+        dead = mgr.engines[1]
+        ray_cluster.kill(dead)  # its update call fails inside the sync
+        learner = sync(ray_cluster, mgr, new, transport, tmp_path / "weights_sync", version=2)  # noqa: F841  (alive)
+        assert mgr.engines[1] is not dead
+        mgr.check_versions()
+        stats = GenerationStats()
+        samples = [s for g in mgr.generate(PROMPTS, SamplingConfig(n=2, max_tokens=4, seed=0), stats) for s in g]
+        assert len(samples) == 32 and stats.restarts == 0 and all(s.policy_version == 2 for s in samples)
+        fresh = engine_actor(num_cpus=1).remote(EngineConfig(model=new, engine="reference", max_model_len=256, seed=0))
+        assert [s.response_ids for s in _greedy(mgr.engines[1], ray_cluster)] == \
+            [s.response_ids for s in _greedy(fresh, ray_cluster)], "the replaced engine has other weights"
+        ray_cluster.kill(fresh)
+    finally:
+        mgr.shutdown()
+
+
 def test_reference_engine_refuses_a_partial_or_foreign_sync(tiny_dense):
     from rollout.reference_engine import ReferenceEngine
 
