@@ -31,7 +31,7 @@ from rl.eval import evaluate_setup as evaluate
 from rl.learner import LearnerFailure
 from rl.rundir import RunDirError
 from rollout import progress
-from rollout.manager import StaleWeightsError
+from rollout.manager import EngineLost, StaleWeightsError
 
 
 class RunError(RuntimeError):
@@ -281,7 +281,7 @@ def run(cfg: Config) -> int:
     progress.enable(cfg.logging.progress)
     try:
         tracker = _loop(s, resume, demos)
-    except (RunError, LearnerFailure, StaleWeightsError) as exc:
+    except (RunError, LearnerFailure, StaleWeightsError, EngineLost) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

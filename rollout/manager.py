@@ -19,6 +19,10 @@ class StaleWeightsError(RuntimeError):
     """An engine reports a policy version other than the learner's after a sync."""
 
 
+class EngineLost(RuntimeError):
+    """An engine died and no live node offers what a replacement needs (its node was lost)."""
+
+
 class RolloutManager:
     """`num_engines` engine actors; `generate` (a `rollout.engine.Generator`) spreads prompt chunks over
     whichever engine is free."""
@@ -27,6 +31,7 @@ class RolloutManager:
                  num_cpus: float = 1, num_gpus: float = 0, resources: dict | None = None):
         self.cfg, self.chunk_prompts, self.max_retries = cfg, chunk_prompts, max_retries
         self._actor_cls = engine_actor(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources)
+        self._needs = {"CPU": num_cpus, "GPU": num_gpus, **(resources or {})}
         self.engines = [self._actor_cls.remote(cfg) for _ in range(num_engines)]
         self.version = 0
         self._restore = None  # brings a new engine actor to the last synced weights (set by every sync)
@@ -109,10 +114,22 @@ class RolloutManager:
             ray.kill(self.engines[i])
         except Exception:  # noqa: BLE001  already gone
             pass
+        self._check_placeable(i)
         self.engines[i] = self._actor_cls.remote(self.cfg)
         if self._restore is not None:
             self._restore(self.engines[i])
         ray.get(self.engines[i].ping.remote())
+
+    def _check_placeable(self, i: int) -> None:
+        """Fail at once, naming what is missing, when no live node could hold a replacement engine (Ray would
+        keep the new actor pending forever); the run then stops and resumes from its checkpoint once the
+        cluster offers the resources again."""
+        import ray
+
+        need = {k: v for k, v in self._needs.items() if v}
+        if not any(n["Alive"] and all(n["Resources"].get(k, 0) >= v for k, v in need.items()) for n in ray.nodes()):
+            raise EngineLost(f"engine {i} died and no live node offers {need} for a replacement (a node was lost?); "
+                             "rerun the same command once the cluster has them: the run resumes from its checkpoint")
 
     @staticmethod
     def _aborted(chunk: list[list[int]], n: int, reason: str) -> Groups:

@@ -220,6 +220,48 @@ def test_a_run_dir_one_node_cannot_see_is_refused(two_nodes, tmp_path):
     assert list((tmp_path / "run").iterdir()) == []  # the markers are cleaned up
 
 
+@pytest.mark.slow
+def test_engine_node_lost_exits_clearly_and_the_rerun_resumes(two_nodes, tmp_path):
+    """node_b (the engine's node) is lost mid-run: the driver exits within 60 s naming what no node offers
+    (Ray would keep a replacement pending forever); once the node is back, the same command resumes from the
+    checkpoint and every step's prompts are the stream's, once each."""
+    import time
+
+    from rl.components import setup
+    from rl.config import load_config
+    from rl.data import PromptStream
+
+    run, steps = tmp_path / "run", 4
+    cmd = [sys.executable, "-m", "rl.train", *RUN, f"trainer.steps={steps}", "trainer.save_every=1",
+           f"trainer.run_dir={run}", f"cluster.address={two_nodes.address}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (run / "checkpoints" / "step_000002" / "COMPLETE").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    [node_b] = two_nodes.worker_nodes  # the head is node_a
+    two_nodes.remove_node(node_b)
+    lost = time.time()
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        with pytest.MonkeyPatch.context() as env:  # back for the rerun (and later tests), as the fixture made it
+            env.setenv("RAY_TMPDIR", two_nodes.private_tmp)
+            env.setenv("RAY_AUTH_MODE", "disabled")
+            two_nodes.add_node(num_cpus=2, resources={"node_b": 1})
+            two_nodes.wait_for_nodes()
+    assert proc.returncode == 1, out[-2000:] + err[-3000:]
+    assert time.time() - lost < 60
+    assert "no live node offers" in err and "'node_b': 0.1" in err, err[-2000:]
+
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    consumed = [json.loads(line) for line in (run / "consumed.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in consumed] == list(range(1, steps + 1))
+    cfg = load_config(RUN[2:] + [f"trainer.steps={steps}"], "quickstart")
+    stream = PromptStream(setup(cfg).train_prompts, cfg.data.shuffle_seed)
+    assert [r["prompts"] for r in consumed] == [[p.source for p in stream.next(4)] for _ in range(steps)]
+
+
 def test_learner_placement_no_node_offers_fails_naming_it(ray_cluster, tiny_dense):
     from rl.learner import LearnerConfig, LearnerFailure, LearnerGroup
 
