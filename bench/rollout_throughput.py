@@ -1,110 +1,95 @@
-"""Rollout throughput: our Ray-actor rollout vs raw `vllm.LLM.generate`, and the reference engine, on the
-same tiny model, prompts and sampling settings, in one run. Prints generated tokens/s and the ratios.
+"""Rollout throughput: our rollout (the driver's `rl.components.engines`: a RolloutManager over a vLLM engine
+actor, built from the config) vs raw `vllm.LLM.generate` on the same model, prompts and sampling settings,
+interleaved in one run. Prints generated tokens/s per mode and the ratio ours / raw as the median of `--reps`
+interleaved repetitions with its min and max (issue 19 target: >= 0.95).
 
-Mode: vLLM in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), enforce_eager; CPU: fp32, tiny model, 2 cores;
-`--gpu`: bf16, the ~0.85B Qwen3-MoE-style shape of bench/gpu_capture.py, the actor holds one GPU.
+Both sample n per prompt at temperature 1 with `ignore_eos` (equal work) and return the sampled token's
+log-prob; raw vLLM gets the prompts in one call, as our manager hands each engine its share. CPU: the tiny
+dense model in fp32 (vLLM in-process, 2 cores); `--gpu`: the config's auto settings on one GPU.
 
-    python bench/rollout_throughput.py [--kind moe|dense] [--prompts 64] [--n 8] [--max-tokens 64] [--gpu]
+    python bench/rollout_throughput.py [--prompts 64] [--n 8] [--max-tokens 64] [--reps 5] [key=value ...]
 """
 from __future__ import annotations
 
 import argparse
-import gc
+import dataclasses
 import os
+import statistics
+import sys
 import tempfile
 import time
 
 for k, v in {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}.items():
     os.environ.setdefault(k, v)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def prompts(n: int) -> list[list[int]]:
     return [[(7 * i + j) % 900 + 10 for j in range(8 + i % 8)] for i in range(n)]
 
 
-def raw_vllm(model: str, ps, a) -> tuple[float, int]:
-    from vllm import LLM, SamplingParams
+def raw_llm(ecfg):
+    """vllm.LLM with the engine settings ours uses (`rl.components.engine_config`), none of our code."""
+    from vllm import LLM
 
-    llm = LLM(model=model, dtype=a.dtype, enforce_eager=True, max_model_len=512, seed=0, logprobs_mode="processed_logprobs",
-              **({"gpu_memory_utilization": 0.35} if a.gpu else {}))
-    sp = SamplingParams(n=a.n, temperature=1.0, max_tokens=a.max_tokens, ignore_eos=True, seed=0, logprobs=0, detokenize=False)
-    llm.generate([{"prompt_token_ids": p} for p in ps], sp, use_tqdm=False)  # warm-up (JIT of every batch shape)
-    t0 = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": p} for p in ps], sp, use_tqdm=False)
-    dt = time.perf_counter() - t0
-    toks = sum(len(c.token_ids) for o in outs for c in o.outputs)
-    del llm
-    gc.collect()
-    return dt, toks
+    kw = {"gpu_memory_utilization": ecfg.gpu_memory_utilization} if __import__("torch").cuda.is_available() else {}
+    return LLM(model=ecfg.model, dtype=ecfg.dtype, enforce_eager=ecfg.enforce_eager, max_model_len=ecfg.max_model_len,
+               seed=0, **kw, **ecfg.extra)
 
 
-def ours(model: str, engine: str, ps, a) -> tuple[float, int]:
+def run_raw(llm, ps, sp) -> int:
+    from vllm import SamplingParams
 
-    from rollout.engine import EngineConfig, SamplingConfig
-    from rollout.manager import RolloutManager
-
-    mgr = RolloutManager(EngineConfig(model=model, engine=engine, max_model_len=512, seed=0, dtype=a.dtype,
-                                      gpu_memory_utilization=0.35), num_engines=1,
-                         chunk_prompts=len(ps), num_cpus=1, num_gpus=1 if a.gpu else 0)
-    sp = SamplingConfig(n=a.n, temperature=1.0, max_tokens=a.max_tokens, seed=0, ignore_eos=True)
-    mgr.generate(ps, sp)
-    t0 = time.perf_counter()
-    samples = [s for g in mgr.generate(ps, sp) for s in g]
-    dt = time.perf_counter() - t0
-    mgr.shutdown()
-    return dt, sum(len(s.response_ids) for s in samples)
+    params = SamplingParams(n=sp.n, temperature=sp.temperature, top_p=sp.top_p, max_tokens=sp.max_tokens, seed=sp.seed,
+                            ignore_eos=True, logprobs=0, detokenize=False)
+    outs = llm.generate([{"prompt_token_ids": p} for p in ps], params, use_tqdm=False)
+    return sum(len(c.token_ids) for o in outs for c in o.outputs)
 
 
-def direct(model: str, ps, a) -> tuple[float, int]:
-    """Our engine class in this process (what the actor holds), to split the actor's cost from Ray's."""
-    from rollout.engine import EngineConfig, SamplingConfig
-    from rollout.vllm_engine import VLLMEngine
-
-    eng = VLLMEngine(EngineConfig(model=model, max_model_len=512, seed=0, dtype=a.dtype, gpu_memory_utilization=0.35))
-    sp = SamplingConfig(n=a.n, temperature=1.0, max_tokens=a.max_tokens, seed=0, ignore_eos=True)
-    eng.generate(ps, sp)
-    t0 = time.perf_counter()
-    samples = [s for g in eng.generate(ps, sp) for s in g]
-    return time.perf_counter() - t0, sum(len(s.response_ids) for s in samples)
+def run_ours(mgr, ps, sp) -> int:
+    return sum(len(s.response_ids) for g in mgr.generate(ps, sp) for s in g)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kind", default="moe")
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--gpu", action="store_true")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("overrides", nargs="*", help="config overrides (the driver's keys)")
     a = p.parse_args()
-    a.dtype = "bfloat16" if a.gpu else "float32"
     import ray
 
+    from rl import components
+    from rl.config import load_config
     from rollout.tiny_models import build_tiny_model
 
-    shape = {}
-    if a.gpu:
-        from gpu_weight_sync import SHAPE as shape  # (bench/ is on sys.path) the same ~0.85B MoE as the other GPU benches
-    model = str(build_tiny_model(a.kind, tempfile.mkdtemp(prefix="bench-rollout-"), seed=0, eos_token_id=None,
-                                 dtype=a.dtype, **shape))
+    cfg = load_config(["rollout=vllm", "model=tiny_dense", f"rollout.n={a.n}", f"rollout.max_tokens={a.max_tokens}",
+                       "rollout.max_model_len=512", "rollout.top_p=1.0", *a.overrides])
+    gpus = __import__("torch").cuda.device_count()  # load_config resolved the 'auto' settings for them
+    model = str(build_tiny_model(cfg.model.tiny, tempfile.mkdtemp(prefix="bench-rollout-"), seed=0, dtype=cfg.rollout.dtype))
     ps = prompts(a.prompts)
-    t_raw, n_raw = raw_vllm(model, ps, a)
-    ray.init(num_cpus=2, num_gpus=1 if a.gpu else 0, include_dashboard=False, log_to_driver=False)
-    t_ours, n_ours = ours(model, "vllm", ps, a)
-    t_ref, n_ref = ours(model, "reference", ps, a) if not a.gpu else (float("nan"), 0)
+    sp = dataclasses.replace(components.sampling(cfg.rollout, seed=0), ignore_eos=True)
+    llm = raw_llm(components.engine_config(cfg.rollout, model))
+    ray.init(num_cpus=2, num_gpus=min(gpus, 1), include_dashboard=False, log_to_driver=False)
+    mgr = components.engines(cfg, model)
+    rates: dict[str, list[float]] = {"raw": [], "ours": []}
+    for rep in range(a.reps + 1):  # rep 0 warms both up (every batch shape)
+        for mode in (("raw", "ours") if rep % 2 else ("ours", "raw")):
+            t0 = time.perf_counter()
+            toks = run_raw(llm, ps, sp) if mode == "raw" else run_ours(mgr, ps, sp)
+            if rep:
+                rates[mode].append(toks / (time.perf_counter() - t0))
+    mgr.shutdown()
     ray.shutdown()
-    t_dir, n_dir = direct(model, ps, a) if a.gpu else (float("nan"), 0)
-    where = "GPU (" + __import__("torch").cuda.get_device_name(0) + ")" if a.gpu else "CPU"
-    print(f"{'0.85B' if a.gpu else 'tiny'} {a.kind}, {a.prompts} prompts x n={a.n}, {a.max_tokens} new tokens, {a.dtype}, "
-          f"vLLM in-process, enforce_eager, {where}")
-    for name, t, n in (("raw vllm.LLM.generate", t_raw, n_raw), ("ours: Ray actor + vLLM", t_ours, n_ours),
-                       ("ours: reference engine", t_ref, n_ref), ("ours: VLLMEngine, no Ray", t_dir, n_dir)):
-        if n:
-            print(f"{name:26s} {n:6d} tokens in {t:6.2f} s = {n / t:8.1f} tok/s")
-    print(f"ratio ours(vLLM actor) / raw vLLM   = {(n_ours / t_ours) / (n_raw / t_raw):.3f} (target >= 0.95)")
-    if n_ref:
-        print(f"ratio reference engine / raw vLLM   = {(n_ref / t_ref) / (n_raw / t_raw):.3f}")
-    if n_dir:
-        print(f"ratio VLLMEngine (no Ray) / raw vLLM = {(n_dir / t_dir) / (n_raw / t_raw):.3f}")
+    ratios = [o / r for o, r in zip(rates["ours"], rates["raw"])]
+    where = __import__("torch").cuda.get_device_name(0) if gpus else "CPU"
+    print(f"tiny {cfg.model.tiny}, {a.prompts} prompts x n={a.n}, {a.max_tokens} new tokens, {cfg.rollout.dtype}, "
+          f"enforce_eager={cfg.rollout.enforce_eager}, {where}")
+    for mode, v in rates.items():
+        print(f"{mode:5s} tok/s median {statistics.median(v):9,.0f} [{min(v):,.0f}, {max(v):,.0f}]")
+    print(f"ratio ours / raw vLLM: median {statistics.median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}] "
+          f"over {len(ratios)} interleaved reps (target >= 0.95)")
 
 
 if __name__ == "__main__":

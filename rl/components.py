@@ -28,13 +28,13 @@ def captures(cfg: Config, model: str | None = None) -> Captures:
     return Captures(*captures_needed(algo.keep_routing, algo.keep_sampling_mask, moe, rollout.top_k, rollout.top_p))
 
 
-def engine_config(r: RolloutConfig, model: str, seed: int = 0, want: Captures = Captures(False, False)) -> EngineConfig:
+def engine_config(rollout: RolloutConfig, model: str, seed: int = 0, want: Captures = Captures(False, False)) -> EngineConfig:
     """The engine settings of `rollout.*` for `model` (resolved: no 'auto' left, see rl.config.resolve_auto)."""
-    return EngineConfig(model=model, engine=r.engine, dtype=r.dtype, max_model_len=r.max_model_len,
-                        tensor_parallel_size=r.tensor_parallel_size, enforce_eager=bool(r.enforce_eager),
-                        gpu_memory_utilization=r.gpu_memory_utilization or 0.4, seed=seed,
+    return EngineConfig(model=model, engine=rollout.engine, dtype=rollout.dtype, max_model_len=rollout.max_model_len,
+                        tensor_parallel_size=rollout.tensor_parallel_size, enforce_eager=bool(rollout.enforce_eager),
+                        gpu_memory_utilization=rollout.gpu_memory_utilization or 0.4, seed=seed,
                         enable_return_routed_experts=want.routing, return_sampling_mask=want.sampling_mask,
-                        extra=dict(r.extra))
+                        extra=dict(rollout.extra))
 
 
 def engines(cfg: Config, model: str, want: Captures | None = None):
@@ -132,10 +132,10 @@ def scoring_pool(cfg: Config):
     return ScoringPool(timeout_s=cfg.trainer.scoring_timeout_s)
 
 
-def sampling(r: RolloutConfig, seed: int | None, n: int | None = None) -> SamplingConfig:
+def sampling(rollout: RolloutConfig, seed: int | None, n: int | None = None) -> SamplingConfig:
     """Training sampling settings of `rollout.*` (n samples per prompt)."""
-    return SamplingConfig(n=r.n if n is None else n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                          max_tokens=r.max_tokens, seed=seed)
+    return SamplingConfig(n=rollout.n if n is None else n, temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
+                          max_tokens=rollout.max_tokens, seed=seed)
 
 
 @dataclass

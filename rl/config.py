@@ -336,7 +336,7 @@ def resolve_auto(cfg: Config, gpus: int) -> tuple[Config, list[str]]:
     (vLLM on CPU cannot capture routed experts or sampling masks at a real vocabulary), fp32, eager."""
     from dataclasses import replace
 
-    r, t, notes = cfg.rollout, cfg.trainer, []
+    rollout, trainer, notes = cfg.rollout, cfg.trainer, []
 
     def pick(obj, key, value, why):
         notes.append(f"{key}={value} ({why})")
@@ -344,24 +344,26 @@ def resolve_auto(cfg: Config, gpus: int) -> tuple[Config, list[str]]:
 
     where = f"{gpus} GPU{'s' if gpus != 1 else ''} visible" if gpus else "no GPU visible"
     share = 0.5 if gpus == 1 else 1.0
-    if r.engine == "auto":
-        r = pick(r, "rollout.engine", "vllm" if gpus else "reference", where)
-    on_gpu = bool(gpus) and r.engine == "vllm"
-    if r.engine_gpus is None:
-        r = pick(r, "rollout.engine_gpus", share if on_gpu else 0.0, where)
-    if t.learner_gpus is None:
-        t = pick(t, "trainer.learner_gpus", share if gpus else 0.0, where)
-    if r.dtype == "auto":
-        r = pick(r, "rollout.dtype", "bfloat16" if r.engine_gpus else "float32", "engine on GPU" if r.engine_gpus else "engine on CPU")
-    if t.param_dtype == "auto":
-        t = pick(t, "trainer.param_dtype", "bfloat16" if t.learner_gpus else "float32",
-                 "learner on GPU" if t.learner_gpus else "learner on CPU")
-    if r.enforce_eager is None:
-        r = pick(r, "rollout.enforce_eager", not r.engine_gpus, "CUDA graphs on GPU" if r.engine_gpus else "CPU")
-    if r.gpu_memory_utilization is None:
-        shared = bool(r.engine_gpus) and r.engine_gpus < 1
-        r = pick(r, "rollout.gpu_memory_utilization", 0.4 if shared else 0.85, "GPU shared with the learner" if shared else "own GPU")
-    return replace(cfg, rollout=r, trainer=t), notes
+    if rollout.engine == "auto":
+        rollout = pick(rollout, "rollout.engine", "vllm" if gpus else "reference", where)
+    on_gpu = bool(gpus) and rollout.engine == "vllm"
+    if rollout.engine_gpus is None:
+        rollout = pick(rollout, "rollout.engine_gpus", share if on_gpu else 0.0, where)
+    if trainer.learner_gpus is None:
+        trainer = pick(trainer, "trainer.learner_gpus", share if gpus else 0.0, where)
+    if rollout.dtype == "auto":
+        rollout = pick(rollout, "rollout.dtype", "bfloat16" if rollout.engine_gpus else "float32",
+                       "engine on GPU" if rollout.engine_gpus else "engine on CPU")
+    if trainer.param_dtype == "auto":
+        trainer = pick(trainer, "trainer.param_dtype", "bfloat16" if trainer.learner_gpus else "float32",
+                       "learner on GPU" if trainer.learner_gpus else "learner on CPU")
+    if rollout.enforce_eager is None:
+        rollout = pick(rollout, "rollout.enforce_eager", not rollout.engine_gpus, "CUDA graphs on GPU" if rollout.engine_gpus else "CPU")
+    if rollout.gpu_memory_utilization is None:
+        shared = bool(rollout.engine_gpus) and rollout.engine_gpus < 1
+        rollout = pick(rollout, "rollout.gpu_memory_utilization", 0.4 if shared else 0.85,
+                       "GPU shared with the learner" if shared else "own GPU")
+    return replace(cfg, rollout=rollout, trainer=trainer), notes
 
 
 def _check(ok: bool, key: str, msg: str) -> None:
