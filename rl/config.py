@@ -6,6 +6,7 @@ fail with the key path), then checks ranges. All of it runs before Ray or any mo
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 from dataclasses import dataclass, field
@@ -249,10 +250,17 @@ def config_options(config_dir: str | None = None) -> dict[str, list[str]]:
     return out
 
 
+class _OverridesAnywhere(argparse.ArgumentParser):
+    """Options between overrides (`a=1 --config-dir X b=2`): plain argparse stops the overrides at the first
+    option and refuses the rest ("unrecognized arguments")."""
+
+    def parse_args(self, args=None, namespace=None):
+        return self.parse_intermixed_args(args, namespace)
+
+
 def cli_parser(description: str, argv: list[str] | None = None):
     """The command line shared by `rl.train` and `rl.eval`: --config-dir, --config-name, --cfg job and the
     overrides; --help also lists the config groups and their options (with the --config-dir's)."""
-    import argparse
     import sys
 
     argv = sys.argv[1:] if argv is None else argv
@@ -263,7 +271,7 @@ def cli_parser(description: str, argv: list[str] | None = None):
         options = config_options(pre.parse_known_args(argv)[0].config_dir)
         epilog = "primary configs (--config-name NAME) and config groups (group=option):\n" + "\n".join(
             f"  {group:14s} {', '.join(names)}" for group, names in options.items())
-    p = argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _OverridesAnywhere(description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-dir", help="your folder of configs, searched before configs/ (e.g. DIR/rewards/mine.yaml for rewards=mine)")
     p.add_argument("--config-name", default="config", help="the primary config (default: config)")
     p.add_argument("--cfg", choices=["job"], help="print the composed, validated config as YAML and exit")

@@ -161,3 +161,10 @@ def test_cfg_job_prints_the_config_and_help_lists_the_groups(tmp_path, capsys):
         groups = {line.split()[0]: line.split(None, 1)[1] for line in out.split("group=option):\n")[1].splitlines()}
         assert groups["rewards"] == "agent, mine, synthetic" and "exp" in groups["--config-name"]
         assert groups["algo"] == "dapo, grpo, grpo_v32" and groups["model"] == "local, tiny_dense, tiny_moe"
+
+
+def test_options_may_come_between_overrides():
+    from rl.config import cli_parser
+
+    a = cli_parser("x").parse_args(["--config-name", "quickstart", "a=1", "--config-dir", "/cfg", "b=2"])
+    assert (a.config_name, a.config_dir, a.overrides) == ("quickstart", "/cfg", ["a=1", "b=2"])
