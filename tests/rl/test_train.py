@@ -129,10 +129,10 @@ def _your_own_task(root: Path) -> list[str]:
         json.dumps({"prompt": r["prompt"], "completion": f"<think>\n{r['answer']}\n</think>\n\n\\boxed{{{r['answer']}}}"}) + "\n"
         for r in rows[:40]))
     (root / "cfg/rewards").mkdir(parents=True)
-    (root / "cfg/rewards/double.yaml").write_text("double:\n  correct: 1.0\n  format: 0.1\n")
+    (root / "cfg/rewards/double.yaml").write_text("double:\n  correct: {scorer: math, weight: 1.0}\n  format: 0.1\n")
     return ["--config-dir", str(root / "cfg"), "rewards=double", "data.domain=double", f"data.train={root}/train.jsonl",
-            f"data.eval={root}/eval.jsonl", "distill.specialists={double: 'data:" + str(root / "demos.jsonl") + "'}",
-            "distill.response_key=completion"]
+            f"data.eval={root}/eval.jsonl", "~distill.specialists.math", "~distill.specialists.string",
+            f"distill.specialists.double=data:{root}/demos.jsonl", "distill.response_key=completion"]
 
 
 @pytest.mark.slow
