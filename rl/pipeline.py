@@ -19,9 +19,10 @@ def generate(generator: Generator, prompts: list[Prompt], sampling: SamplingConf
     is_tool = [agent is not None and p.row["domain"] in agent.domains for p in prompts]
     groups: Groups = [[] for _ in prompts]
     stats = GenerationStats()
-    for tool, gen in ((False, generator), (True, agent.on(generator) if agent is not None else None)):
+    for tool in (False, True):
         idx = [i for i, t in enumerate(is_tool) if t is tool]
         if idx:
+            gen = agent.on(generator) if tool else generator
             for i, g in zip(idx, gen.generate([prompts[i].prompt_ids for i in idx], sampling, stats)):
                 groups[i] = g
     check_groups(groups, len(prompts), sampling.n)

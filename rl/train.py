@@ -181,14 +181,17 @@ def save(s: Setup, learner, step: int, position: dict | None, wait: bool = True)
     COMPLETE marker and renames it), point checkpoints/latest at it, keep the newest `trainer.keep_checkpoints`.
     `wait=False` (periodic saves with `trainer.async_checkpoint`): the write goes on while training continues,
     and `latest` moves when it is sealed, at the next save or `finish_saves`."""
-    sealed = learner.save_checkpoint(str(rundir.step_dir(s.dir, step)), {"step": step, "data_position": position},
-                                     wait=wait or not s.cfg.trainer.async_checkpoint)
-    for path in sealed:
-        rundir.point_latest(s.dir, Path(path), s.cfg.trainer.keep_checkpoints)
+    _point_latest(s, learner.save_checkpoint(str(rundir.step_dir(s.dir, step)), {"step": step, "data_position": position},
+                                             wait=wait or not s.cfg.trainer.async_checkpoint))
 
 
 def finish_saves(s: Setup, learner) -> None:
-    for path in learner.finish_checkpoint():
+    _point_latest(s, learner.finish_checkpoint())
+
+
+def _point_latest(s: Setup, sealed: list[str]) -> None:
+    """`latest` follows each checkpoint the learner sealed, oldest first."""
+    for path in sealed:
         rundir.point_latest(s.dir, Path(path), s.cfg.trainer.keep_checkpoints)
 
 

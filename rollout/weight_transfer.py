@@ -189,7 +189,6 @@ class ObjectStoreSender:
         self.refs.append(ray.put(pack(bucket)))
 
     def finish(self, version: int) -> Pushed:
-
         # The refs travel inside a list, so Ray does not resolve them up front: each engine fetches as it loads.
         return Pushed(engine_versions([e.update_weights_from_refs.remote(self.refs, version) for e in self.engines]), self.refs)
 
