@@ -25,10 +25,13 @@ Measured on GPU in bench/gpu_weight_sync.py (time vs bytes, correctness against 
 (2 cores, 85M-parameter dense model, 308 MB fp32, median of 5 interleaved syncs through `WeightSync`): object
 store 0.21 s vs checkpoint 0.71 s into the reference engine, 0.31 s vs 0.92 s into vLLM; with a 2-rank FSDP
 learner 0.81 s vs 1.42 s (one gloo all-gather per tensor).
+vLLM side (`VllmLoader`): fused expert tensors are copied straight into vLLM's fused MoE parameters once the
+first one of each kind has been checked against vLLM's own per-expert `load_weights` (the per-expert calls
+were the ceiling in bench/README.md); IPC shares one flat buffer per bucket (one mapping per bucket, not per
+tensor).
 Not covered: tensor-parallel engines with ipc/nccl (every TP worker would join as the same rank; the config
 refuses it), object_store into vLLM's multiprocess engine (its worker is not a Ray worker: on GPU use ipc or
-nccl), fused expert tensors into vLLM (newer vLLM accepts them, which would save the per-expert
-`load_weights` calls that bench/README.md found to be the ceiling; untested here, so experts go per expert).
+nccl).
 """
 from __future__ import annotations
 
@@ -204,8 +207,9 @@ class IpcSender:
     def send(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
         import ray
 
-        handles = ipc_handles(bucket)  # the bucket's tensors must live until every engine has copied them
-        ray.get([e.update_weights_from_ipc.remote(handles, None) for e in self.engines])
+        flat = flatten([t for _, t in bucket])  # one IPC handle per bucket: each one costs the engine a mapping
+        shared = [(NcclWeightSender.metas(bucket), ipc_handle(flat))]
+        ray.get([e.update_weights_from_ipc.remote(shared, None) for e in self.engines])  # `flat` lives until all copied
 
     def finish(self, version: int) -> Pushed:
         import ray
@@ -261,12 +265,61 @@ def placement() -> tuple[str, tuple[str, ...]]:
 
 
 # ----------------------------------------------------------------------------- CUDA IPC and NCCL (vLLM side)
-def ipc_handles(named: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, tuple]]:
-    """CUDA IPC handles (picklable, a few hundred bytes each). The caller keeps the tensors alive until the
-    engine has loaded them."""
+_VLLM_FUSED = {"gate_up_proj": "w13_weight", "down_proj": "w2_weight"}  # HF fused experts -> vLLM's FusedMoE
+
+
+def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A bucket as one flat byte buffer (the receiver splits it by the bucket's metas: `split_bucket`)."""
+    return torch.cat([t.contiguous().view(-1).view(torch.uint8) for t in tensors])
+
+
+def split_bucket(buf: torch.Tensor, metas: list[Meta]) -> list[tuple[str, torch.Tensor]]:
+    """`flatten`'s inverse: (name, view of `buf`) per meta."""
+    sizes = [_nbytes(m) for m in metas]
+    return [(name, chunk.view(getattr(torch, dtype)).view(shape)) for (name, shape, dtype), chunk in zip(metas, buf.split(sizes))]
+
+
+class VllmLoader:
+    """Loads the learner's buckets (in-memory names) into a vLLM model. A fused expert tensor (`experts.
+    gate_up_proj [E, 2I, H]`, `experts.down_proj [E, H, I]`) is copied straight into vLLM's fused parameter
+    (`experts.w13_weight`, `experts.w2_weight`) when the two layouts agree: the first tensor of each kind is
+    loaded through vLLM's own per-expert `load_weights` and the parameter compared with it, so a vLLM that
+    stores experts otherwise (a kernel's repacked layout, a TP shard) keeps the per-expert path. Everything
+    else goes through `load_weights` under the checkpoint names, one call per bucket. bench/README.md found
+    the per-expert calls to be the sync's ceiling (~7.5 GB/s at 1,683 tensors)."""
+
+    def __init__(self, model):
+        self.model, self.params = model, dict(model.named_parameters())
+        self.direct: dict[str, bool] = {}  # fused kind -> its layout agrees with vLLM's (checked once)
+
+    def load(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
+        rest = []
+        for name, t in bucket:
+            m = _FUSED_EXPERTS.match(name)
+            target = self.params.get(f"{m[1]}.{_VLLM_FUSED[m[2]]}") if m else None
+            if target is None or tuple(target.shape) != tuple(t.shape) or self.direct.get(m[2]) is False:
+                rest.append((name, t))
+            elif m[2] not in self.direct:
+                self.model.load_weights(weights=checkpoint_names([(name, t)]))
+                self.direct[m[2]] = bool(torch.equal(target.data, t.to(target.dtype)))
+            else:
+                target.data.copy_(t)
+        if rest:
+            self.model.load_weights(weights=checkpoint_names(rest))
+
+
+def _loader(worker) -> VllmLoader:
+    if getattr(worker, "_weight_loader", None) is None:
+        worker._weight_loader = VllmLoader(worker.model_runner.get_model())
+    return worker._weight_loader
+
+
+def ipc_handle(t: torch.Tensor) -> tuple:
+    """A CUDA IPC handle (picklable, a few hundred bytes). The caller keeps `t` alive until the engine has
+    loaded it."""
     from torch.multiprocessing.reductions import reduce_tensor
 
-    return [(name, reduce_tensor(t.detach())) for name, t in named]
+    return reduce_tensor(t.detach())
 
 
 def _rebuild(handle: tuple) -> torch.Tensor:
@@ -276,12 +329,13 @@ def _rebuild(handle: tuple) -> torch.Tensor:
     return fn(*args)
 
 
-def load_from_ipc(worker, handles: list[tuple[str, tuple]]) -> int:
-    """Runs in the vLLM worker (collective_rpc): map the learner's memory, load it, return the count."""
-    model = worker.model_runner.get_model()
-    model.load_weights(weights=checkpoint_names((name, _rebuild(h)) for name, h in handles))
+def load_from_ipc(worker, shared: list[tuple[list[Meta], tuple]]) -> int:
+    """Runs in the vLLM worker (collective_rpc): map each bucket's flat buffer, load it, return the count."""
+    loader = _loader(worker)
+    for metas, handle in shared:
+        loader.load(split_bucket(_rebuild(handle), metas))
     torch.cuda.synchronize()
-    return len(handles)
+    return sum(len(metas) for metas, _ in shared)
 
 
 def _communicator(host: str, port: int, rank: int, device, world_size: int = 2):
@@ -301,20 +355,14 @@ def init_nccl_receiver(worker, host: str, port: int, rank: int = 1, world_size: 
 def load_from_nccl(worker, plan: list) -> int:
     """Runs in the vLLM worker: receive the buckets of `plan` (lists of (name, shape, dtype), as broadcast by
     `NcclWeightSender.send_bucket`), or single tensors when `plan` is a flat list of metas (`send`), and load
-    them as they arrive."""
-    comm, model = worker._weight_comm, worker.model_runner.get_model()
+    each as it arrives."""
+    comm, loader = worker._weight_comm, _loader(worker)
     flat = bool(plan) and isinstance(plan[0][0], str)  # a meta starts with its name, a bucket with a meta
     buckets = [[m] for m in plan] if flat else plan
-
-    def received():
-        for bucket in buckets:
-            sizes = [_nbytes(m) for m in bucket]
-            buf = torch.empty(sum(sizes), dtype=torch.uint8, device="cuda")
-            comm.broadcast(buf, src=0, stream=torch.cuda.current_stream())
-            for (name, shape, dtype), chunk in zip(bucket, buf.split(sizes)):
-                yield name, chunk.view(getattr(torch, dtype)).view(shape)
-
-    model.load_weights(weights=checkpoint_names(received()))
+    for bucket in buckets:
+        buf = torch.empty(sum(_nbytes(m) for m in bucket), dtype=torch.uint8, device="cuda")
+        comm.broadcast(buf, src=0, stream=torch.cuda.current_stream())
+        loader.load(split_bucket(buf, bucket))
     torch.cuda.synchronize()
     return sum(len(b) for b in buckets)
 
@@ -338,8 +386,7 @@ class NcclWeightSender:
 
     def send_bucket(self, tensors: list[torch.Tensor]) -> None:
         """One broadcast for the whole bucket, as bytes (the receiver splits it by the bucket's metas)."""
-        flat = torch.cat([t.contiguous().view(-1).view(torch.uint8) for t in tensors])
-        self.comm.broadcast(flat, src=0, stream=torch.cuda.current_stream())
+        self.comm.broadcast(flatten(tensors), src=0, stream=torch.cuda.current_stream())
         torch.cuda.synchronize()
 
 
