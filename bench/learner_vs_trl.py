@@ -9,7 +9,7 @@ variant runs in a fresh process; peak memory = peak RSS minus RSS after the mode
 minus the allocation after the model is loaded.
 
     pip install trl==1.16.0   # bench-only dependency
-    python bench/learner_vs_trl.py [--models dense0.4b,tiny_moe] [--batch 4] [--prompt-len 64] [--completion-len 128] [--gpu]
+    python bench/learner_vs_trl.py [--models dense0.4b,tiny_moe] [--batch 4] [--prompt-len 64] [--completion-len 128] [--vocab V] [--gpu]
 """
 from __future__ import annotations
 
@@ -105,6 +105,8 @@ def main() -> None:
     p.add_argument("--completion-len", type=int, default=128)
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--gpu", action="store_true")
+    p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the tiny tokenizer's 1,030); "
+                   "151936 is Qwen3's, where the chunked head matters")
     p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:
@@ -113,9 +115,10 @@ def main() -> None:
     from rollout.tiny_models import build_tiny_model
 
     where = "bf16 mixed precision, GPU (" + __import__("torch").cuda.get_device_name(0) + ")" if a.gpu else "fp32 CPU"
-    print(f"B={a.batch} prompt={a.prompt_len} completion={a.completion_len}, {where}, fwd+bwd of the GRPO loss")
+    print(f"B={a.batch} prompt={a.prompt_len} completion={a.completion_len} vocab={a.vocab or 1030}, {where}, fwd+bwd of the GRPO loss")
     for name in a.models.split(","):
         kind, shape = SHAPES[name]
+        shape = {**shape, **({"vocab_size": a.vocab} if a.vocab else {})}
         model_dir = str(build_tiny_model(kind, tempfile.mkdtemp(prefix="bench-trl-"), seed=0, **shape))
         res = {}
         for variant in ("trl", "ours"):

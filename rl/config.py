@@ -426,6 +426,8 @@ def validate(cfg: Config) -> None:
     validate_captures(cfg)
     validate_placement(cfg)
     _check(rollout.max_tokens >= 1 and rollout.num_engines >= 1, "rollout", "max_tokens and num_engines must be >= 1")
+    _check(rollout.max_tokens < rollout.max_model_len, "rollout.max_tokens", f"{rollout.max_tokens} leaves no room for a prompt "
+           f"in rollout.max_model_len={rollout.max_model_len}: raise max_model_len or lower max_tokens")
     _check(rollout.chunk_prompts is None or rollout.chunk_prompts >= 1, "rollout.chunk_prompts",
            f"must be >= 1 or null (each engine's share at once), got {rollout.chunk_prompts}")
     _check((rollout.engine_gpus or 0) >= 0 and (trainer.learner_gpus or 0) >= 0, "rollout.engine_gpus",

@@ -49,6 +49,7 @@ def test_every_group_option_composes(group, option, tiny_dense):
         (["agent.max_context=100000"], r"^agent.max_context: must be in \(0, rollout.max_model_len=512\]"),
         (["agent.tool_context={shell: {}}"], r"^agent.tool_context.shell: unknown tool"),
         (["rollout.temperature=0"], r"^rollout.temperature: must be > 0 for training"),
+        (["rollout.max_tokens=512"], r"^rollout.max_tokens: 512 leaves no room for a prompt in rollout.max_model_len=512"),
         (["data.num_proc=0"], r"^data.num_proc: must be >= 1"),
         (["data.domain=poetry"], r"^data.domain: domain 'poetry' has no reward spec"),
         (["rollout.top_k=-1"], r"^rollout.top_k: must be >= 0"),
