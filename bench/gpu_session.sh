@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The GPU benches of bench/README.md as named stages, for a few device calls after staging
+# (../shared/gpu/stage.sh --driver). Each stage logs to $OUT/<stage>.log under its own time limit, so one that
+# fails or hangs leaves the others' results. Usage, on a 2-GPU machine (nvidia-h200-x2):
+#   bash bench/gpu_session.sh sync                 # weight sync per transport + learner scaling (bench/gpu_sync.py)
+#   bash bench/gpu_session.sh driver rollout       # rl.train at the real shape (auto -> NCCL); rollout vs raw vLLM
+#   bash bench/gpu_session.sh ablations faults     # run side by side (correctness, not timing)
+#   bash bench/gpu_session.sh trl                  # learner vs TRL at Qwen3's vocabulary
+set -u
+export PYTHONPATH=/tmp/site:$PWD $(cat /tmp/site/.env 2>/dev/null)
+export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_ALLOW_INSECURE_SERIALIZATION=1
+out=${OUT:-/tmp/out}; mkdir -p "$out"
+[ -s "$out/versions.txt" ] || python3 -c "import vllm, torch, transformers, ray; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, 'ray', ray.__version__, torch.cuda.device_count(), 'x', torch.cuda.get_device_name())" > "$out/versions.txt" 2>&1
+
+stage() {  # stage NAME SECONDS CMD...: run CMD under a limit, its own process group, output in $out/NAME.log
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout -k 10 "$limit" "$@" > "$out/$name.log" 2>&1
+  echo "rc=$? after $((SECONDS - t0)) s" | tee -a "$out/$name.log"
+}
+
+for s in "$@"; do
+  case $s in
+    sync) stage sync "${T_SYNC:-500}" python3 bench/gpu_sync.py --models real,moe0.85b --worlds 1,2 --reps 5 --ckpt-reps 1 --out "$out" ;;
+    driver)
+      stage driver "${T_DRIVER:-300}" python3 -m rl.train --config-name gpu_real_shape '~rewards.math.language' trainer.steps=3 \
+        trainer.run_dir=runs/gpu_tensor_sync
+      cp runs/gpu_tensor_sync/metrics.jsonl "$out/driver_metrics.jsonl" 2>/dev/null ;;
+    rollout) CUDA_VISIBLE_DEVICES=0 stage rollout "${T_ROLLOUT:-240}" python3 bench/rollout_throughput.py --prompts 128 --n 8 \
+               --max-tokens 128 --reps 5 rollout.gpu_memory_utilization=0.4 ;;
+    ablations) stage ablations "${T_ABL:-540}" python3 bench/ablations.py ${ABL_ARGS:-} --out "$out" & ;;
+    faults) stage faults "${T_FAULTS:-540}" python3 bench/gpu_faults.py ${FAULT_ARGS:-} & ;;
+    trl) CUDA_VISIBLE_DEVICES=0 stage trl "${T_TRL:-400}" python3 bench/learner_vs_trl.py --gpu --models dense0.4b,moe0.85b \
+           --batch 8 --prompt-len 256 --completion-len 1024 --vocab 151936 --reps 3 ;;
+    *) echo "unknown stage $s"; exit 2 ;;
+  esac
+done
+wait
+nvidia-smi --query-gpu=name,memory.used --format=csv >> "$out/versions.txt" 2>&1
