@@ -21,7 +21,7 @@ stage() {  # stage NAME SECONDS CMD...: run CMD under a limit, its own process g
 
 for s in "$@"; do
   case $s in
-    sync) stage sync "${T_SYNC:-500}" python3 bench/gpu_sync.py --models real,moe0.85b --worlds 1,2 --reps 5 --ckpt-reps 1 --out "$out" ;;
+    sync) stage sync "${T_SYNC:-500}" python3 bench/gpu_sync.py --models ${SYNC_MODELS:-real} --worlds 1,2 --reps 5 --ckpt-reps ${CKPT_REPS:-1} --out "$out" ;;
     driver)
       stage driver "${T_DRIVER:-300}" python3 -m rl.train --config-name gpu_real_shape '~rewards.math.language' trainer.steps=3 \
         trainer.run_dir=runs/gpu_tensor_sync

@@ -200,10 +200,11 @@ def main() -> None:
     print(f"{' '.join(sys.argv)}\n{where}, torch {torch.__version__}", flush=True)
     results = []
     for model in a.models.split(","):
+        run_dir = tempfile.mkdtemp(prefix=f"bench-sync-{model}-")  # one model_init per model, built once
         for world in map(int, a.worlds.split(",")):
             args = argparse.Namespace(**{**vars(a), "train_reps": a.train_reps if model in a.train_models.split(",") else 0})
             try:
-                results.append(session(model, world, args, tempfile.mkdtemp(prefix=f"bench-sync-{model}-{world}-")))
+                results.append(session(model, world, args, run_dir))
             except Exception as exc:  # one session's failure must not lose the others' numbers
                 import traceback
 

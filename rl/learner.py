@@ -326,7 +326,8 @@ class Learner:
 
     def _reduce_metrics(self, sums: dict, grad_norm: float) -> dict[str, float]:
         keys = sorted(sums)
-        t = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+        # On the rank's device: an NCCL process group (GPU) has no backend for CPU tensors.
+        t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
         if dist.is_initialized() and self.world_size > 1:
             dist.all_reduce(t)
         red = dict(zip(keys, t.tolist()))

@@ -23,6 +23,14 @@ class EngineLost(RuntimeError):
     """An engine died and no live node offers what a replacement needs (its node was lost)."""
 
 
+def engine_broken(cause: BaseException | None) -> bool:
+    """Does an error raised by an engine's call leave the engine unusable, so that it is replaced like a dead
+    one? A CUDA out-of-memory (torch's OutOfMemoryError: vLLM's in-process engine) or vLLM's EngineDeadError
+    (its engine-core process died, of an OOM or anything else: every later call fails too). Names, not
+    classes: the driver need not import vLLM."""
+    return any(c.__name__ in ("OutOfMemoryError", "EngineDeadError") for c in type(cause).__mro__)
+
+
 class RolloutManager:
     """`num_engines` engine actors; `generate` (a `rollout.engine.Generator`) spreads prompt chunks over
     whichever engine is free."""
@@ -42,7 +50,7 @@ class RolloutManager:
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, stats: GenerationStats | None = None) -> Groups:
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import RayActorError, RayTaskError
 
         stats = stats if stats is not None else GenerationStats()
         # One call per engine by default (vLLM batches all of its share continuously); a cap splits finer.
@@ -64,8 +72,12 @@ class RolloutManager:
                 done[start] = ray.get(ready[0])
                 idle.append(i)
                 shown.update(len(chunk) * sampling.n)
-            except RayActorError as exc:  # the engine died: replace it, retry the chunk elsewhere
-                stats.errors.append(f"engine {i}: {type(exc).__name__}")
+            except (RayActorError, RayTaskError) as exc:  # the engine died or broke: replace it, retry the chunk
+                if isinstance(exc, RayTaskError) and not engine_broken(exc.cause):
+                    raise
+                what = type(exc.cause if isinstance(exc, RayTaskError) else exc).__name__
+                log.warning("engine %d failed during generation (%s): restarting it", i, what)
+                stats.errors.append(f"engine {i}: {what}")
                 self._restart(i)
                 stats.restarts += 1
                 idle.append(i)

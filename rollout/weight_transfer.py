@@ -69,6 +69,42 @@ class Pushed:
     refs: list | None = None
 
 
+class SyncLost(RuntimeError):
+    """An engine died (or failed) during an NCCL weight sync: the learner's broadcast to it never completes
+    (PyNccl has no timeout) and the group cannot be rebuilt under a running sync, so the run stops; its
+    rerun resumes from the last checkpoint."""
+
+
+def watch_engines(refs: list, done=None, version: int | None = None, check_every_s: float = 0.05) -> None:
+    """Wait until `done()` is true (without `done`: until every ref of `refs`, the engines' pending NCCL receive
+    calls, is ready), raising SyncLost as soon as one of those calls fails: a peer dying inside a broadcast
+    would otherwise leave the learner waiting on the GPU forever. `done` is polled every 0.2 ms (a bucket's
+    broadcast takes milliseconds: a coarser poll would cap the sync's GB/s), the engines every `check_every_s`."""
+    import time
+
+    import ray
+    from ray.exceptions import RayError
+
+    checked, next_check = set(), 0.0
+    while not (done is not None and done()):
+        if time.monotonic() >= next_check:
+            ready, rest = ray.wait(refs, num_returns=len(refs), timeout=0 if done else check_every_s) if refs else ([], [])
+            for i, ref in enumerate(refs):
+                if ref in ready and ref not in checked:
+                    checked.add(ref)
+                    try:
+                        ray.get(ref)
+                    except RayError as exc:
+                        raise SyncLost(f"engine {i} died or failed during the NCCL weight sync to version {version} "
+                                       f"({type(exc).__name__}): a broadcast to it never completes, so the run stops; "
+                                       "rerun the same command to resume from the last checkpoint") from None
+            if done is None and not rest:
+                return
+            next_check = time.monotonic() + (check_every_s if done else 0.0)
+        if done is not None:
+            time.sleep(0.0002)
+
+
 def engine_versions(refs: list) -> list[int | None]:
     """Each engine's version after a sync call; None for an engine that died meanwhile (not an error here:
     `rollout.manager.RolloutManager.synced` replaces it and brings the new actor to the same weights)."""
@@ -236,14 +272,16 @@ class NcclSender:
         self.comm = cache["nccl"]
 
     def begin(self, plan: list[list[Meta]], version: int) -> None:
+        self.version = version
         self.pending = [e.update_weights_from_nccl.remote(plan, version) for e in self.engines]
 
     def send(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
-        self.comm.send_bucket([t for _, t in bucket])
+        self.comm.send_bucket([t for _, t in bucket], wait=lambda done: watch_engines(self.pending, done, self.version))
 
     def finish(self, version: int) -> Pushed:
         import ray
 
+        watch_engines(self.pending, version=version)
         return Pushed(ray.get(self.pending))
 
 
@@ -384,10 +422,19 @@ class NcclWeightSender:
             self.comm.broadcast(t.contiguous().view(-1).view(torch.uint8), src=0, stream=torch.cuda.current_stream())
         torch.cuda.synchronize()
 
-    def send_bucket(self, tensors: list[torch.Tensor]) -> None:
-        """One broadcast for the whole bucket, as bytes (the receiver splits it by the bucket's metas)."""
-        self.comm.broadcast(flatten(tensors), src=0, stream=torch.cuda.current_stream())
-        torch.cuda.synchronize()
+    def send_bucket(self, tensors: list[torch.Tensor], wait=None) -> None:
+        """One broadcast for the whole bucket, as bytes (the receiver splits it by the bucket's metas).
+        `wait(done)`, if given, waits until `done()` (the broadcast finished on the GPU) while it watches the
+        receivers (`watch_engines`): a receiver that died leaves the broadcast pending forever."""
+        flat = flatten(tensors)
+        self.comm.broadcast(flat, src=0, stream=torch.cuda.current_stream())
+        if wait is None:
+            torch.cuda.synchronize()
+            return
+        finished = torch.cuda.Event()
+        finished.record(torch.cuda.current_stream())
+        wait(finished.query)
+        del flat  # alive until the broadcast has read it
 
 
 # ------------------------------------------------------------------------------------------- driver side
