@@ -392,9 +392,10 @@ class Learner:
             tmp.mkdir(parents=True)
             torch.save({"scheduler": self.scheduler.state_dict(), "rng": _rng_state(), "step": self.step,
                         "policy_version": self.policy_version, "has_reference": self.ref is not None,
-                        "config": asdict(self.cfg), "world_size": self.world_size, "extra": extra or {}}, tmp / "meta.pt")
+                        "config": asdict(self.cfg), "world_size": self.world_size, "extra": extra or {},
+                        "optimizer_stepped": bool(self.optimizer.state)}, tmp / "meta.pt")
         dist.barrier()
-        state = self._sharded_state()
+        state = self._sharded_state(bool(self.optimizer.state))
         if wait:
             dcp.save(state, checkpoint_id=str(tmp / "sharded"))
             return [*sealed, self._seal(tmp, out)]
@@ -421,12 +422,17 @@ class Learner:
         dist.barrier()
         return str(out)
 
-    def _sharded_state(self) -> dict:
-        """What DCP saves and loads: this rank's shards (plain tensors on one unsharded rank)."""
+    def _sharded_state(self, with_optimizer: bool) -> dict:
+        """What DCP saves and loads: this rank's shards (plain tensors on one unsharded rank). An optimizer
+        that has not stepped yet is left out: DCP's state dict would initialise it by a zero-gradient step,
+        and the resumed AdamW would then start at step 2 (a different bias correction) instead of step 1."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_sd, "optimizer": optim_sd}
+        if with_optimizer:
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+            state = {"model": model_sd, "optimizer": optim_sd}
+        else:
+            state = {"model": get_model_state_dict(self.model)}
         if self.ref is not None:  # after distillation the reference is the distilled model, not the init
             state["reference"] = get_model_state_dict(self.ref)
         return state
@@ -449,9 +455,13 @@ class Learner:
         if self.ref is not None and not meta["has_reference"]:
             raise ValueError(f"checkpoint '{ckpt_dir}' has no reference model, but this run's KL needs one "
                              "(algo.kl_coef > 0): it was saved by a run without KL")
-        state = self._sharded_state()
+        stepped = meta.get("optimizer_stepped", True)
+        state = self._sharded_state(stepped)
         dcp.load(state, checkpoint_id=str(path / "sharded"))
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        if stepped:
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        else:
+            set_model_state_dict(self.model, state["model"])
         if self.ref is not None:
             set_model_state_dict(self.ref, state["reference"])
         self.scheduler.load_state_dict(meta["scheduler"])

@@ -120,7 +120,11 @@ class Prefetcher:
         self.queued = step
         self._queue_until(step)
 
-    def take(self, step: int) -> Batch:
+    def take(self, step: int) -> Batch | None:
+        """Step `step`'s batch; None when a stop signal came before it was queued (only possible for the
+        first step: later ones are queued, or not, before the loop checks the signal)."""
+        if not self.pending:
+            return None
         batch = self.pending.popleft().result()
         if self.mode == "async":
             self._queue_until(step + self.depth)  # generates while this step trains
@@ -195,6 +199,14 @@ def _point_latest(s: Setup, sealed: list[str]) -> None:
         rundir.point_latest(s.dir, Path(path), s.cfg.trainer.keep_checkpoints)
 
 
+def stop_before(s: Setup, learner, step: int, stream: PromptStream) -> bool:
+    """A stop before `step` trained: its checkpoint (unless distillation or the resumed run left one), so
+    that the rerun resumes there like after any other stop. No collection ran: the stream's position is exact."""
+    if not (rundir.step_dir(s.dir, step) / "COMPLETE").is_file():
+        save(s, learner, step, stream.position)
+    return STOP.check(step)
+
+
 def start(s: Setup, learner, engines, resume: bool, demos: dict):
     """Restore (or distil), bring the engines to the learner's weights, and open the tracker and the stream.
     `demos`: the `data:` specialists' samples (`rl.distill.demonstrations`)."""
@@ -227,6 +239,9 @@ def _loop(s: Setup, resume: bool, demos: dict):
         nonfinite, t_last, stopping = 0, time.time(), False
         for step in range(first, steps):
             batch = prefetch.take(step)
+            if batch is None:  # a signal during setup, distillation or the first evaluation
+                stopping = stop_before(s, learner, step, stream)
+                break
             row = {**batch.metrics, **train(learner, batch, step, cfg)}
             row["time/sync"] = sync_weights(s, learner, engines, version=step + 1)
             prefetch.weights_synced(step)

@@ -41,6 +41,18 @@ train.train = train_and_signal
 sys.exit(train.main(sys.argv[1:]))
 """
 
+# ... and one that signals itself during the step-0 evaluation, before any collection was queued.
+SIGTERM_BEFORE_STEP_1 = """
+import os, signal, sys
+from rl import train
+real = train.evaluate
+def evaluate_and_signal(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args, **kwargs)
+train.evaluate = evaluate_and_signal
+sys.exit(train.main(sys.argv[1:]))
+"""
+
 
 def _trained(run: Path, step: int) -> bool:
     """Is `step`'s training row in metrics.jsonl (whose last line may be half-written)?"""
@@ -107,6 +119,23 @@ def test_signal_stops_at_a_step_boundary_and_the_rerun_equals_an_uninterrupted_r
     consumed = lambda d: Counter(p for r in _rows(d, "consumed.jsonl") for p in r["prompts"])  # noqa: E731
     assert consumed(run) == consumed(uninterrupted), "prompts lost or replayed across the stop"
     assert not list(run.glob("*weights_sync*")) and not list(uninterrupted.glob("*weights_sync*"))
+
+
+@pytest.mark.slow
+def test_a_signal_before_the_first_step_stops_with_a_step_0_checkpoint(tmp_path, uninterrupted):
+    """A signal during setup or the step-0 evaluation: nothing is queued, the run stops before step 1 with a
+    checkpoint at step 0 (was: IndexError from an empty prefetch queue), and the rerun equals an uninterrupted run."""
+    run, cmd = tmp_path / "run", _cmd(tmp_path / "run", STEPS) + SYNC
+    res = subprocess.run([cmd[0], "-c", SIGTERM_BEFORE_STEP_1, *cmd[3:]], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 128 + signal.SIGTERM, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == (f"stopped by SIGTERM after step 0: checkpoint at {rundir.step_dir(run, 0)}; "
+                                                   "rerun the same command to resume")
+    assert (rundir.step_dir(run, 0) / "COMPLETE").is_file() and not any("train/loss" in r for r in _rows(run))
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    assert _train_metrics(run) == _train_metrics(uninterrupted)
+    consumed = lambda d: Counter(p for r in _rows(d, "consumed.jsonl") for p in r["prompts"])  # noqa: E731
+    assert consumed(run) == consumed(uninterrupted)
 
 
 def _stat(pid: int) -> tuple[str, int, int] | None:
