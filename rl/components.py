@@ -126,6 +126,16 @@ def choose_transport(cfg: Config, moe: bool, where) -> tuple[str, str]:
     return "checkpoint", "some engines share the learner's GPU and some do not"
 
 
+def actors(cfg: Config, model: str, kl_coefs: dict[str, float]):
+    """(learner, engines), started side by side: the learner's load and the engines' start (vLLM's compile
+    and CUDA graphs) are each tens of seconds on GPU, and neither needs the other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        started = pool.submit(learner, cfg, model, kl_coefs), pool.submit(engines, cfg, model)
+        return started[0].result(), started[1].result()
+
+
 def scoring_pool(cfg: Config):
     from rewards.pool import ScoringPool
 

@@ -232,7 +232,7 @@ def start(s: Setup, learner, engines, resume: bool, demos: dict):
 def _loop(s: Setup, resume: bool, demos: dict):
     cfg, steps = s.cfg, s.cfg.trainer.steps
     with ray_session(cfg.cluster):
-        learner, engines = components.learner(cfg, s.model_path, s.kl_coefs), components.engines(cfg, s.model_path)
+        learner, engines = components.actors(cfg, s.model_path, s.kl_coefs)
         first, tracker, stream = start(s, learner, engines, resume, demos)
         prefetch = Prefetcher(lambda k: collect(s, engines, stream, k), cfg.trainer.mode, steps, STOP, cfg.trainer.max_staleness)
         prefetch.start(first)
