@@ -6,6 +6,7 @@
 #   bash bench/gpu_session.sh driver rollout       # rl.train at the real shape (auto -> NCCL); rollout vs raw vLLM
 #   bash bench/gpu_session.sh ablations faults     # run side by side (correctness, not timing)
 #   bash bench/gpu_session.sh trl                  # learner vs TRL at Qwen3's vocabulary
+#   bash bench/gpu_session.sh e2e_trl              # the whole loop vs TRL's GRPOTrainer + vLLM server
 set -u
 export PYTHONPATH=/tmp/site:$PWD $(cat /tmp/site/.env 2>/dev/null)
 export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_ALLOW_INSECURE_SERIALIZATION=1
@@ -32,6 +33,8 @@ for s in "$@"; do
     faults) stage faults "${T_FAULTS:-540}" python3 bench/gpu_faults.py ${FAULT_ARGS:-} & ;;
     trl) CUDA_VISIBLE_DEVICES=0 stage trl "${T_TRL:-400}" python3 bench/learner_vs_trl.py --gpu --models dense0.4b,moe0.85b \
            --batch 8 --prompt-len 256 --completion-len 1024 --vocab 151936 --reps 3 ;;
+    e2e_trl) stage e2e_trl "${T_E2E:-580}" python3 bench/e2e_vs_trl.py --gpu --steps 25 --prompts 32 --n 8 --max-tokens 256 \
+               '~rewards.math.language' ;;  # TRL's server mode runs `vllm serve`: stage uvicorn and its kin too (untried)
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done
