@@ -119,8 +119,9 @@ def run_trl(a, work: Path) -> dict:
         from rl.config import load_config
 
         model = setup(load_config(common(a)[2:] + [f"trainer.run_dir={work / 'trl_setup'}"], "quickstart")).model_path
-        server = subprocess.Popen([sys.executable, "-m", "trl.scripts.vllm_serve", "--model", model, "--port", str(a.port), "--max-model-len", "2048",
-                                   "--gpu-memory-utilization", "0.85"], env={**env, "CUDA_VISIBLE_DEVICES": "1"},
+        serve = [sys.executable, "-m", "trl.scripts.vllm_serve", "--model", model, "--port", str(a.port),
+                 "--max-model-len", "2048", "--gpu-memory-utilization", "0.85"]
+        server = subprocess.Popen(serve, env={**env, "CUDA_VISIBLE_DEVICES": "1"},
                                   stdout=open(work / "vllm_serve.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
         env["CUDA_VISIBLE_DEVICES"] = "0"
     try:
