@@ -25,7 +25,8 @@ def main() -> None:
     from rl.cluster import ray_session
     from rl.config import load_config
 
-    cfg = load_config(["rollout=vllm", "model=tiny_dense", "distill.enabled=false", f"trainer.run_dir={tempfile.mkdtemp(prefix='bench-start-')}",
+    run_dir = tempfile.mkdtemp(prefix="bench-start-")
+    cfg = load_config(["rollout=vllm", "model=tiny_dense", "distill.enabled=false", f"trainer.run_dir={run_dir}",
                        "~rewards.math.language", *a.overrides], "quickstart")
     s = components.setup(cfg)
 
