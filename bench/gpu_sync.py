@@ -153,6 +153,10 @@ def session(model: str, world: int, a, run_dir: str) -> dict:
             print(f"  sync {k:16s} {label:10s} s median {med(v)}  GB/s {nbytes / statistics.median(v) / 1e9:6.2f}", flush=True)
         for k, v in out["kl"].items():
             print(f"  mismatch KL {k}: stale {v['stale']:.2e} -> after sync {v['synced']:.2e}", flush=True)
+        import ray
+
+        out["loader"] = {k: ray.get(m.engines[0].weight_sync_stats.remote()) for k, m in mgrs.items()}
+        print(f"  fused experts copied straight (rollout.weight_transfer.VllmLoader): {out['loader']}", flush=True)
         if a.train_reps:
             rng = random.Random(0)
             prompts = [[rng.randrange(1000) for _ in range(64)] for _ in range(a.prompts)]

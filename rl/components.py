@@ -127,13 +127,29 @@ def choose_transport(cfg: Config, moe: bool, where) -> tuple[str, str]:
 
 
 def actors(cfg: Config, model: str, kl_coefs: dict[str, float]):
-    """(learner, engines), started side by side: the learner's load and the engines' start (vLLM's compile
-    and CUDA graphs) are each tens of seconds on GPU, and neither needs the other."""
+    """(learner, engines), started side by side where they hold whole devices: the learner's load and the
+    engines' start (vLLM's compile and CUDA graphs) are each tens of seconds on GPU, and neither needs the
+    other. Sharing a GPU (a fraction of one each) they start one after the other: vLLM sizes its KV cache
+    from the GPU's memory use while it starts, which a learner loading at the same time would change.
+    Either one failing kills the other's actors."""
     from concurrent.futures import ThreadPoolExecutor
 
+    if any(0 < (g or 0) < 1 for g in (cfg.rollout.engine_gpus, cfg.trainer.learner_gpus)):
+        ranks = learner(cfg, model, kl_coefs)
+        try:
+            return ranks, engines(cfg, model)
+        except BaseException:
+            ranks.kill()
+            raise
     with ThreadPoolExecutor(2) as pool:
         started = pool.submit(learner, cfg, model, kl_coefs), pool.submit(engines, cfg, model)
-        return started[0].result(), started[1].result()
+        try:
+            return started[0].result(), started[1].result()
+        except BaseException:
+            for future, stop in zip(started, ("kill", "shutdown")):
+                if not future.exception():
+                    getattr(future.result(), stop)()
+            raise
 
 
 def scoring_pool(cfg: Config):

@@ -460,11 +460,13 @@ class Learner:
         dcp.load(state, checkpoint_id=str(path / "sharded"))
         if stepped:
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        else:
+        else:  # the optimizer stays fresh (its learning rate is set from the scheduler below)
             set_model_state_dict(self.model, state["model"])
         if self.ref is not None:
             set_model_state_dict(self.ref, state["reference"])
         self.scheduler.load_state_dict(meta["scheduler"])
+        if not stepped:  # a restored optimizer's groups hold their learning rate; a fresh one's take the schedule's
+            self.set_lr(self.scheduler.base_lrs[0])
         _set_rng_state(meta["rng"])
         self.step, self.policy_version = meta["step"], meta["policy_version"]
         return meta["extra"]

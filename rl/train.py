@@ -202,6 +202,8 @@ def _point_latest(s: Setup, sealed: list[str]) -> None:
 def stop_before(s: Setup, learner, step: int, stream: PromptStream) -> bool:
     """A stop before `step` trained: its checkpoint (unless distillation or the resumed run left one), so
     that the rerun resumes there like after any other stop. No collection ran: the stream's position is exact."""
+    if STOP.signum is None:
+        raise RuntimeError(f"no batch was queued for step {step + 1} and no stop signal came: a scheduling bug")
     if not (rundir.step_dir(s.dir, step) / "COMPLETE").is_file():
         save(s, learner, step, stream.position)
     return STOP.check(step)

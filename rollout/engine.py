@@ -153,6 +153,11 @@ class EngineHost:
 
         return placement()
 
+    def weight_sync_stats(self) -> dict:
+        """How the tensor syncs loaded (vLLM: `rollout.weight_transfer.VllmLoader`'s choices); {} otherwise."""
+        stats = getattr(self.engine, "weight_sync_stats", None)
+        return stats() if stats else {}
+
     def ping(self) -> int:
         return self.engine.policy_version
 

@@ -146,6 +146,11 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
         self.policy_version = version
 
+    def weight_sync_stats(self) -> dict:
+        from rollout.weight_transfer import loader_stats
+
+        return self.llm.collective_rpc(loader_stats)[0]
+
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, stats=None) -> Groups:
         """n samples for each prompt, grouped by prompt (`rollout.engine.Generator`)."""
         from vllm import SamplingParams

@@ -27,10 +27,11 @@ the sync against 1.4e-3 stale; the checkpoint path 13.9 s. On CPU
 (2 cores, 85M-parameter dense model, 308 MB fp32, median of 5 interleaved syncs through `WeightSync`): object
 store 0.21 s vs checkpoint 0.71 s into the reference engine, 0.31 s vs 0.92 s into vLLM; with a 2-rank FSDP
 learner 0.81 s vs 1.42 s (one gloo all-gather per tensor).
-vLLM side (`VllmLoader`): fused expert tensors are copied straight into vLLM's fused MoE parameters once the
-first one of each kind has been checked against vLLM's own per-expert `load_weights` (the per-expert calls
-were the ceiling in bench/README.md); IPC shares one flat buffer per bucket (one mapping per bucket, not per
-tensor).
+vLLM side (`VllmLoader`): fused expert tensors are copied straight into vLLM's fused MoE parameters where the
+kernel uses them as loaded and a probe through vLLM's own per-expert `load_weights` agrees (the per-expert
+calls were the ceiling in bench/README.md at 1,683 tensors); a kernel that converts experts after loading is
+refused. The GPU numbers above were measured before the direct copy could engage (it missed vLLM 0.26's
+`routed_experts` child); it is unit-tested on CPU, not yet on GPU. IPC shares one flat buffer per bucket.
 Not covered: tensor-parallel engines with ipc/nccl (every TP worker would join as the same rank; the config
 refuses it), object_store into vLLM's multiprocess engine (its worker is not a Ray worker: on GPU use ipc or
 nccl).
@@ -319,33 +320,71 @@ def split_bucket(buf: torch.Tensor, metas: list[Meta]) -> list[tuple[str, torch.
     return [(name, chunk.view(getattr(torch, dtype)).view(shape)) for (name, shape, dtype), chunk in zip(metas, buf.split(sizes))]
 
 
+# vLLM's unquantized MoE kernels that use the experts as loaded; the others convert them once after the
+# initial load (FlashInfer CUTLASS swaps gate and up, FlashInfer TRT-LLM and ROCm AITER shuffle), which
+# neither `load_weights` nor a direct copy redoes.
+_AS_LOADED = ("TRITON", "BATCHED_TRITON")
+_CONVERTING = ("FLASHINFER_CUTLASS", "FLASHINFER_TRTLLM", "AITER")
+
+
 class VllmLoader:
     """Loads the learner's buckets (in-memory names) into a vLLM model. A fused expert tensor (`experts.
     gate_up_proj [E, 2I, H]`, `experts.down_proj [E, H, I]`) is copied straight into vLLM's fused parameter
-    (`experts.w13_weight`, `experts.w2_weight`) when the two layouts agree: the first tensor of each kind is
-    loaded through vLLM's own per-expert `load_weights` and the parameter compared with it, so a vLLM that
-    stores experts otherwise (a kernel's repacked layout, a TP shard) keeps the per-expert path. Everything
-    else goes through `load_weights` under the checkpoint names, one call per bucket. bench/README.md found
-    the per-expert calls to be the sync's ceiling (~7.5 GB/s at 1,683 tensors)."""
+    (`experts.w13_weight`, `experts.w2_weight`; from vLLM 0.26 on a `routed_experts` child of the MoE
+    layer) when the kernel uses the experts as loaded (`_AS_LOADED`) and the layouts agree: at the first
+    tensor of each kind a random probe goes through vLLM's own per-expert `load_weights` and the parameter
+    must equal it. Otherwise experts take the per-expert path; a kernel known to convert them after the
+    initial load is refused (a tensor sync would leave them unconverted: the checkpoint transport reloads
+    through vLLM's full path). Everything else goes through `load_weights`, one call per bucket.
+    `direct_copies` counts the tensors that took the direct path (bench/gpu_sync.py prints it)."""
 
     def __init__(self, model):
-        self.model, self.params = model, dict(model.named_parameters())
-        self.direct: dict[str, bool] = {}  # fused kind -> its layout agrees with vLLM's (checked once)
+        self.model = model
+        self.direct: dict[str, bool] = {}  # fused kind -> copied straight (decided at its first tensor)
+        self.direct_copies = 0
+
+    def _fused_param(self, prefix: str, kind: str):
+        """vLLM's fused parameter for `prefix`.{gate_up_proj, down_proj}, or None (another vLLM layout)."""
+        try:
+            layer = self.model.get_submodule(prefix)
+        except AttributeError:
+            return None, None
+        experts = getattr(layer, "routed_experts", layer)
+        return experts, getattr(experts, _VLLM_FUSED[kind], None)
+
+    def _decide(self, experts, target: torch.Tensor, name: str, kind: str, t: torch.Tensor) -> bool:
+        method = getattr(experts, "quant_method", None)
+        backend = getattr(getattr(method, "unquantized_backend", None), "name", None)
+        if backend in _CONVERTING or (method is not None and "Unquantized" not in type(method).__name__):
+            raise RuntimeError(f"vLLM's MoE kernel ({type(method).__name__}, backend {backend}) converts the expert "
+                               "weights after loading, which a tensor weight sync does not redo: use "
+                               "trainer.weight_sync=checkpoint")
+        if backend not in _AS_LOADED or tuple(target.shape) != tuple(t.shape):
+            return False
+        probe = torch.randn(t.shape, generator=torch.Generator(device=t.device).manual_seed(0), device=t.device).to(t.dtype)
+        self.model.load_weights(weights=checkpoint_names([(name, probe)]))
+        return bool(torch.equal(target.data, probe.to(target.dtype)))
 
     def load(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
         rest = []
         for name, t in bucket:
             m = _FUSED_EXPERTS.match(name)
-            target = self.params.get(f"{m[1]}.{_VLLM_FUSED[m[2]]}") if m else None
-            if target is None or tuple(target.shape) != tuple(t.shape) or self.direct.get(m[2]) is False:
-                rest.append((name, t))
-            elif m[2] not in self.direct:
-                self.model.load_weights(weights=checkpoint_names([(name, t)]))
-                self.direct[m[2]] = bool(torch.equal(target.data, t.to(target.dtype)))
-            else:
+            experts, target = self._fused_param(m[1], m[2]) if m else (None, None)
+            if target is not None and m[2] not in self.direct:
+                self.direct[m[2]] = self._decide(experts, target, name, m[2], t)
+            if target is not None and self.direct[m[2]]:
                 target.data.copy_(t)
+                self.direct_copies += 1
+            else:
+                rest.append((name, t))
         if rest:
             self.model.load_weights(weights=checkpoint_names(rest))
+
+
+def loader_stats(worker) -> dict:
+    """Runs in the vLLM worker: which fused kinds were copied straight, and how many tensors so far."""
+    loader = getattr(worker, "_weight_loader", None)
+    return {"direct": dict(loader.direct), "direct_copies": loader.direct_copies} if loader else {}
 
 
 def _loader(worker) -> VllmLoader:

@@ -234,3 +234,23 @@ def test_resume_restores_the_distilled_reference(tiny_moe, moe_samples, tmp_path
     ref = resumed.ref.state_dict()
     assert all(torch.equal(ref[k], v) for k, v in first.ref.state_dict().items())
     assert any(not torch.equal(ref[k], init[k]) for k in init)
+
+
+def test_resume_before_the_first_optimizer_step_trains_like_the_uninterrupted_learner(tiny_moe, moe_samples, tmp_path):
+    """A checkpoint taken before any optimizer step (a stop before step 1; a scheduler that stepped on a
+    skipped non-finite step) leaves the optimizer out: DCP would initialise AdamW by a zero-gradient step and
+    the resumed one would start at step 2 (another bias correction), and the fresh optimizer takes the
+    schedule's learning rate. The next step then equals the uninterrupted learner's exactly."""
+    cfg = LearnerConfig(model=tiny_moe, temperature=SAMPLING.temperature, lr=1e-2, warmup_steps=3)
+    first = Learner(cfg)
+    first.scheduler.step()  # as after a step whose update was skipped
+    first.save_checkpoint(str(tmp_path / "ckpt"))
+    assert not first.optimizer.state  # saving did not initialise it
+    resumed = Learner(cfg)
+    resumed.load_checkpoint(str(tmp_path / "ckpt"))
+    assert not resumed.optimizer.state and resumed.optimizer.param_groups[0]["lr"] == first.optimizer.param_groups[0]["lr"]
+    batch = copy.deepcopy(moe_samples[:8])
+    for lrn in (first, resumed):
+        lrn.train_step(copy.deepcopy(batch), plan_step(batch, 1, 8))
+    after = resumed.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in first.model.state_dict().items())
