@@ -387,15 +387,16 @@ class Learner:
         sealed = self.finish_checkpoint()
         out = Path(ckpt_dir)
         tmp = out.with_name(f".{out.name}.tmp")
+        stepped = bool(self.optimizer.state)  # every rank steps together, so all agree
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             torch.save({"scheduler": self.scheduler.state_dict(), "rng": _rng_state(), "step": self.step,
                         "policy_version": self.policy_version, "has_reference": self.ref is not None,
                         "config": asdict(self.cfg), "world_size": self.world_size, "extra": extra or {},
-                        "optimizer_stepped": bool(self.optimizer.state)}, tmp / "meta.pt")
+                        "optimizer_stepped": stepped}, tmp / "meta.pt")
         dist.barrier()
-        state = self._sharded_state(bool(self.optimizer.state))
+        state = self._sharded_state(stepped)
         if wait:
             dcp.save(state, checkpoint_id=str(tmp / "sharded"))
             return [*sealed, self._seal(tmp, out)]

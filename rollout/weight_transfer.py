@@ -247,7 +247,7 @@ class IpcSender:
         import ray
 
         flat = flatten([t for _, t in bucket])  # one IPC handle per bucket: each one costs the engine a mapping
-        shared = [(NcclWeightSender.metas(bucket), ipc_handle(flat))]
+        shared = [(metas(bucket), ipc_handle(flat))]
         ray.get([e.update_weights_from_ipc.remote(shared, None) for e in self.engines])  # `flat` lives until all copied
 
     def finish(self, version: int) -> Pushed:
@@ -314,6 +314,11 @@ def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.contiguous().view(-1).view(torch.uint8) for t in tensors])
 
 
+def metas(named: list[tuple[str, torch.Tensor]]) -> list[Meta]:
+    """What a receiver needs to split a flattened bucket: (name, shape, dtype name) per tensor."""
+    return [(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in named]
+
+
 def split_bucket(buf: torch.Tensor, metas: list[Meta]) -> list[tuple[str, torch.Tensor]]:
     """`flatten`'s inverse: (name, view of `buf`) per meta."""
     sizes = [_nbytes(m) for m in metas]
@@ -352,7 +357,7 @@ class VllmLoader:
         experts = getattr(layer, "routed_experts", layer)
         return experts, getattr(experts, _VLLM_FUSED[kind], None)
 
-    def _decide(self, experts, target: torch.Tensor, name: str, kind: str, t: torch.Tensor) -> bool:
+    def _decide(self, experts, target: torch.Tensor, name: str, t: torch.Tensor) -> bool:
         method = getattr(experts, "quant_method", None)
         backend = getattr(getattr(method, "unquantized_backend", None), "name", None)
         if backend in _CONVERTING or (method is not None and "Unquantized" not in type(method).__name__):
@@ -371,7 +376,7 @@ class VllmLoader:
             m = _FUSED_EXPERTS.match(name)
             experts, target = self._fused_param(m[1], m[2]) if m else (None, None)
             if target is not None and m[2] not in self.direct:
-                self.direct[m[2]] = self._decide(experts, target, name, m[2], t)
+                self.direct[m[2]] = self._decide(experts, target, name, t)
             if target is not None and self.direct[m[2]]:
                 target.data.copy_(t)
                 self.direct_copies += 1
@@ -431,19 +436,16 @@ def init_nccl_receiver(worker, host: str, port: int, rank: int = 1, world_size: 
     return True
 
 
-def load_from_nccl(worker, plan: list) -> int:
+def load_from_nccl(worker, plan: list[list[Meta]]) -> int:
     """Runs in the vLLM worker: receive the buckets of `plan` (lists of (name, shape, dtype), as broadcast by
-    `NcclWeightSender.send_bucket`), or single tensors when `plan` is a flat list of metas (`send`), and load
-    each as it arrives."""
+    `NcclWeightSender.send_bucket`) and load each as it arrives."""
     comm, loader = worker._weight_comm, _loader(worker)
-    flat = bool(plan) and isinstance(plan[0][0], str)  # a meta starts with its name, a bucket with a meta
-    buckets = [[m] for m in plan] if flat else plan
-    for bucket in buckets:
+    for bucket in plan:
         buf = torch.empty(sum(_nbytes(m) for m in bucket), dtype=torch.uint8, device="cuda")
         comm.broadcast(buf, src=0, stream=torch.cuda.current_stream())
         loader.load(split_bucket(buf, bucket))
     torch.cuda.synchronize()
-    return sum(len(b) for b in buckets)
+    return sum(len(b) for b in plan)
 
 
 class NcclWeightSender:
@@ -453,25 +455,12 @@ class NcclWeightSender:
     def __init__(self, host: str, port: int, device: int = 0, world_size: int = 2):
         self.comm = _communicator(host, port, 0, torch.device("cuda", device), world_size)
 
-    @staticmethod
-    def metas(named: list[tuple[str, torch.Tensor]]) -> list[Meta]:
-        return [(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in named]
-
-    def send(self, named: list[tuple[str, torch.Tensor]]) -> None:
-        """One broadcast per tensor (the receiver gets `metas(named)`)."""
-        for _, t in named:
-            self.comm.broadcast(t.contiguous().view(-1).view(torch.uint8), src=0, stream=torch.cuda.current_stream())
-        torch.cuda.synchronize()
-
-    def send_bucket(self, tensors: list[torch.Tensor], wait=None) -> None:
+    def send_bucket(self, tensors: list[torch.Tensor], wait) -> None:
         """One broadcast for the whole bucket, as bytes (the receiver splits it by the bucket's metas).
-        `wait(done)`, if given, waits until `done()` (the broadcast finished on the GPU) while it watches the
-        receivers (`watch_engines`): a receiver that died leaves the broadcast pending forever."""
+        `wait(done)` waits until `done()` (the broadcast finished on the GPU) while it watches the receivers
+        (`watch_engines`): a receiver that died leaves the broadcast pending forever."""
         flat = flatten(tensors)
         self.comm.broadcast(flat, src=0, stream=torch.cuda.current_stream())
-        if wait is None:
-            torch.cuda.synchronize()
-            return
         finished = torch.cuda.Event()
         finished.record(torch.cuda.current_stream())
         wait(finished.query)
