@@ -7,6 +7,8 @@
 #   bash bench/gpu_session.sh ablations faults     # run side by side (correctness, not timing)
 #   bash bench/gpu_session.sh trl                  # learner vs TRL at Qwen3's vocabulary
 #   bash bench/gpu_session.sh e2e_trl              # the whole loop vs TRL's GRPOTrainer + vLLM server
+#   bash bench/gpu_session.sh modes                # async vs sync through rl.train (bench/e2e_modes.py)
+# Extra arguments per stage: SYNC_ARGS, DRIVER_ARGS, MODES_ARGS, ABL_ARGS, FAULT_ARGS; limits: T_<STAGE>.
 set -u
 export PYTHONPATH=/tmp/site:$PWD $(cat /tmp/site/.env 2>/dev/null)
 export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_ALLOW_INSECURE_SERIALIZATION=1
@@ -22,19 +24,22 @@ stage() {  # stage NAME SECONDS CMD...: run CMD under a limit, its own process g
 
 for s in "$@"; do
   case $s in
-    sync) stage sync "${T_SYNC:-500}" python3 bench/gpu_sync.py --models ${SYNC_MODELS:-real} --worlds 1,2 --reps 5 --ckpt-reps ${CKPT_REPS:-1} --out "$out" ;;
+    sync) stage sync "${T_SYNC:-500}" python3 bench/gpu_sync.py --models ${SYNC_MODELS:-real} --worlds 1,2 --reps 5 --ckpt-reps ${CKPT_REPS:-1} \
+            ${SYNC_ARGS:-} --out "$out" ;;
     driver)
       stage driver "${T_DRIVER:-300}" python3 -m rl.train --config-name gpu_real_shape '~rewards.math.language' trainer.steps=3 \
-        trainer.run_dir=runs/gpu_tensor_sync
+        trainer.run_dir=runs/gpu_tensor_sync ${DRIVER_ARGS:-}
       cp runs/gpu_tensor_sync/metrics.jsonl "$out/driver_metrics.jsonl" 2>/dev/null ;;
     rollout) CUDA_VISIBLE_DEVICES=0 stage rollout "${T_ROLLOUT:-240}" python3 bench/rollout_throughput.py --prompts 128 --n 8 \
                --max-tokens 128 --reps 5 rollout.gpu_memory_utilization=0.4 ;;
     ablations) stage ablations "${T_ABL:-540}" python3 bench/ablations.py ${ABL_ARGS:-} --out "$out" & ;;
     faults) stage faults "${T_FAULTS:-540}" python3 bench/gpu_faults.py ${FAULT_ARGS:-} & ;;
-    trl) CUDA_VISIBLE_DEVICES=0 stage trl "${T_TRL:-400}" python3 bench/learner_vs_trl.py --gpu --models dense0.4b,moe0.85b \
-           --batch 8 --prompt-len 256 --completion-len 1024 --vocab 151936 --reps 3 ;;
+    trl) BENCH_PROFILE=$out CUDA_VISIBLE_DEVICES=0 stage trl "${T_TRL:-400}" python3 bench/learner_vs_trl.py --gpu --models dense0.4b,moe0.85b \
+           --batch 8 --prompt-len 256 --completion-len 1024 --vocab 151936 --reps 5 --rounds ${TRL_ROUNDS:-1} ;;
     e2e_trl) stage e2e_trl "${T_E2E:-580}" python3 bench/e2e_vs_trl.py --gpu --steps 25 --prompts 32 --n 8 --max-tokens 256 \
                '~rewards.math.language' ;;  # TRL's server mode runs `vllm serve`: stage uvicorn and its kin too (untried)
+    modes) stage modes "${T_MODES:-540}" python3 bench/e2e_modes.py --steps ${MODES_STEPS:-25} rollout=vllm rollout.engine_gpus=1 \
+             trainer.learner_gpus=1 '~rewards.math.language' ${MODES_ARGS:-} ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done

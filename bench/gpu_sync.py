@@ -16,9 +16,11 @@ Correct: the learner's weights are perturbed, each engine's mismatch KL against 
 before (control: stale) and after its sync.
 Scaling: `far` generates one batch (`--prompts` x n x `--max-tokens`, the config's captures), every sample gets
 a +-1 advantage, and `--train-reps` learner steps on that same global batch are timed after one warm-up;
-the world-2 / world-1 ratio of medians (sessions run one after the other, so not interleaved).
+the world-2 / world-1 ratio of medians (sessions run one after the other, so not interleaved). A world not in
+`--sync-worlds` starts engine `far` only and times the learner step alone.
 
     python3 bench/gpu_sync.py [--models moe0.85b,real] [--worlds 1,2] [--reps 5] [--ckpt-reps 1] [--out $OUT]
+    python3 bench/gpu_sync.py --models real --worlds 1,2 --sync-worlds 1 --reps 3 --ckpt-reps 0 --train-reps 5
     python bench/gpu_sync.py --cpu    # smoke test here: reference engines, object store, gloo
 """
 from __future__ import annotations
@@ -100,12 +102,8 @@ def med(v: list[float]) -> str:
 
 
 def session(model: str, world: int, a, run_dir: str) -> dict:
-    import dataclasses
-    import random
-
     from rl import components
     from rl.cluster import ray_session
-    from rollout.weight_transfer import SyncSpec, WeightSync
 
     lg, near_g, far_g = SHARES[world]
     cfgs = {k: config(model, world, g, lg, run_dir, a.cpu, a.overrides) for k, g in (("near", near_g), ("far", far_g))}
@@ -115,72 +113,91 @@ def session(model: str, world: int, a, run_dir: str) -> dict:
     with ray_session(cfg.cluster):
         learner = components.learner(cfg, s.model_path, s.kl_coefs)
         mgrs = {"far": components.engines(cfgs["far"], s.model_path)}  # a whole GPU first, then the half left
-        mgrs["near"] = components.engines(cfgs["near"], s.model_path)
-        syncs = {k: components.weight_sync(cfgs[k], learner, m, s.dir) for k, m in mgrs.items()}
-        nbytes = weight_bytes(s.model_path, syncs["far"].spec.dtype)
-        out.update(bytes=nbytes, placement={"learner": learner.placement(), **{k: __import__("ray").get(m.engines[0].placement.remote())
-                                                                                  for k, m in mgrs.items()}})
-        out["transport"] = {k: w.transport for k, w in syncs.items()}
-        print(f"[{model} world {world}] {nbytes / 1e9:.2f} GB per sync ({syncs['far'].spec.dtype}); placement "
-              f"{out['placement']}; auto transports {out['transport']}", flush=True)
-        sp = dataclasses.replace(components.sampling(cfg.rollout, seed=0, n=1), max_tokens=32)
-        version, times = 0, {k: [] for k in syncs}
-        for rep in range(a.reps + 1):  # rep 0: the first sync sets up the transport (the NCCL group): not timed
-            for k in (("near", "far") if rep % 2 else ("far", "near")):
-                version += 1
-                t0 = time.perf_counter()
-                syncs[k].sync(version)
-                if rep:
-                    times[k].append(time.perf_counter() - t0)
-        learner.apply(perturb, 1234)
-        out["kl"] = {k: {"stale": mismatch_kl(learner, m, sp)} for k, m in mgrs.items()}
-        for k, m in mgrs.items():
-            version += 1
-            syncs[k].sync(version)
-            out["kl"][k]["synced"] = mismatch_kl(learner, m, sp)
-        if world == 1 and a.ckpt_reps:
-            ckpt = WeightSync(learner, mgrs["far"], SyncSpec("checkpoint", cfg.trainer.sync_bucket_mb, cfg.rollout.dtype),
-                              str(s.dir / "weights_sync"))
-            times["checkpoint (far)"] = []
-            for _ in range(a.ckpt_reps):
-                version += 1
-                t0 = time.perf_counter()
-                ckpt.sync(version)
-                times["checkpoint (far)"].append(time.perf_counter() - t0)
-        out["sync_s"] = times
-        for k, v in times.items():
-            label = out["transport"].get(k, "checkpoint")
-            print(f"  sync {k:16s} {label:10s} s median {med(v)}  GB/s {nbytes / statistics.median(v) / 1e9:6.2f}", flush=True)
-        for k, v in out["kl"].items():
-            print(f"  mismatch KL {k}: stale {v['stale']:.2e} -> after sync {v['synced']:.2e}", flush=True)
-        import ray
-
-        out["loader"] = {k: ray.get(m.engines[0].weight_sync_stats.remote()) for k, m in mgrs.items()}
-        print(f"  fused experts copied straight (rollout.weight_transfer.VllmLoader): {out['loader']}", flush=True)
+        if world in a.sync_worlds:
+            mgrs["near"] = components.engines(cfgs["near"], s.model_path)
+            measure_sync(learner, mgrs, cfgs, s, world, a, out)
         if a.train_reps:
-            rng = random.Random(0)
-            prompts = [[rng.randrange(1000) for _ in range(64)] for _ in range(a.prompts)]
-            spt = dataclasses.replace(components.sampling(cfg.rollout, seed=0), max_tokens=a.max_tokens, ignore_eos=True)
-            batch = [x for g in mgrs["far"].generate(prompts, spt) for x in g]
-            domains = sorted(s.kl_coefs)
-            for i, x in enumerate(batch):
-                x.advantage = 1.0 if i % 2 else -1.0
-                x.reward, x.domain = max(x.advantage, 0.0), domains[i % len(domains)]
-            steps = []
-            for rep in range(a.train_reps + 1):
-                t0 = time.perf_counter()
-                learner.train_step(batch)
-                if rep:
-                    steps.append(time.perf_counter() - t0)
-            toks = sum(len(x.prompt_ids) + len(x.response_ids) for x in batch)
-            out["train_s"], out["train_tokens"] = steps, toks
-            print(f"  learner step, {len(batch)} samples, {toks} tokens: s median {med(steps)}  tok/s "
-                  f"{toks / statistics.median(steps):,.0f}", flush=True)
+            measure_train(learner, mgrs["far"], cfg, s, a, out)
         for m in mgrs.values():
             m.shutdown()
         learner.shutdown()
     return out
 
+
+def measure_sync(learner, mgrs: dict, cfgs: dict, s, world: int, a, out: dict) -> None:
+    import dataclasses
+
+    import ray
+
+    from rl import components
+    from rollout.weight_transfer import SyncSpec, WeightSync
+
+    cfg, model = cfgs["far"], out["model"]
+    syncs = {k: components.weight_sync(cfgs[k], learner, m, s.dir) for k, m in mgrs.items()}
+    nbytes = weight_bytes(s.model_path, syncs["far"].spec.dtype)
+    out.update(bytes=nbytes, placement={"learner": learner.placement(), **{k: ray.get(m.engines[0].placement.remote())
+                                                                              for k, m in mgrs.items()}})
+    out["transport"] = {k: w.transport for k, w in syncs.items()}
+    print(f"[{model} world {world}] {nbytes / 1e9:.2f} GB per sync ({syncs['far'].spec.dtype}); placement "
+          f"{out['placement']}; auto transports {out['transport']}", flush=True)
+    sp = dataclasses.replace(components.sampling(cfg.rollout, seed=0, n=1), max_tokens=32)
+    version, times = 0, {k: [] for k in syncs}
+    for rep in range(a.reps + 1):  # rep 0: the first sync sets up the transport (the NCCL group): not timed
+        for k in (("near", "far") if rep % 2 else ("far", "near")):
+            version += 1
+            t0 = time.perf_counter()
+            syncs[k].sync(version)
+            if rep:
+                times[k].append(time.perf_counter() - t0)
+    learner.apply(perturb, 1234)
+    out["kl"] = {k: {"stale": mismatch_kl(learner, m, sp)} for k, m in mgrs.items()}
+    for k, m in mgrs.items():
+        version += 1
+        syncs[k].sync(version)
+        out["kl"][k]["synced"] = mismatch_kl(learner, m, sp)
+    if world == 1 and a.ckpt_reps:
+        ckpt = WeightSync(learner, mgrs["far"], SyncSpec("checkpoint", cfg.trainer.sync_bucket_mb, cfg.rollout.dtype),
+                          str(s.dir / "weights_sync"))
+        times["checkpoint (far)"] = []
+        for _ in range(a.ckpt_reps):
+            version += 1
+            t0 = time.perf_counter()
+            ckpt.sync(version)
+            times["checkpoint (far)"].append(time.perf_counter() - t0)
+    out["sync_s"] = times
+    for k, v in times.items():
+        label = out["transport"].get(k, "checkpoint")
+        print(f"  sync {k:16s} {label:10s} s median {med(v)}  GB/s {nbytes / statistics.median(v) / 1e9:6.2f}", flush=True)
+    for k, v in out["kl"].items():
+        print(f"  mismatch KL {k}: stale {v['stale']:.2e} -> after sync {v['synced']:.2e}", flush=True)
+    out["loader"] = {k: ray.get(m.engines[0].weight_sync_stats.remote()) for k, m in mgrs.items()}
+    print(f"  fused experts copied straight (rollout.weight_transfer.VllmLoader): {out['loader']}", flush=True)
+
+def measure_train(learner, far, cfg, s, a, out: dict) -> None:
+    """`--train-reps` learner steps on one global batch generated by `far` (every sample a +-1 advantage)."""
+    import dataclasses
+    import random
+
+    from rl import components
+
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1000) for _ in range(64)] for _ in range(a.prompts)]
+    spt = dataclasses.replace(components.sampling(cfg.rollout, seed=0), max_tokens=a.max_tokens, ignore_eos=True)
+    batch = [x for g in far.generate(prompts, spt) for x in g]
+    domains = sorted(s.kl_coefs)
+    for i, x in enumerate(batch):
+        x.advantage = 1.0 if i % 2 else -1.0
+        x.reward, x.domain = max(x.advantage, 0.0), domains[i % len(domains)]
+    steps = []
+    for rep in range(a.train_reps + 1):
+        t0 = time.perf_counter()
+        learner.train_step(batch)
+        if rep:
+            steps.append(time.perf_counter() - t0)
+    toks = sum(len(x.prompt_ids) + len(x.response_ids) for x in batch)
+    out["train_s"], out["train_tokens"] = steps, toks
+    print(f"  learner step, {len(batch)} samples, {toks} tokens: s median {med(steps)}  tok/s "
+          f"{toks / statistics.median(steps):,.0f}", flush=True)
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -189,6 +206,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--ckpt-reps", type=int, default=1)
     p.add_argument("--train-reps", type=int, default=3)
+    p.add_argument("--sync-worlds", default=None, help="worlds whose sync is measured (default: all); the others "
+                   "start only engine `far` and time the learner step")
     p.add_argument("--train-models", default="real", help="models whose learner step is timed")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=512)
@@ -200,6 +219,7 @@ def main() -> None:
 
     if a.cpu:
         a.models, a.train_models = "tiny", "tiny"
+    a.sync_worlds = [int(w) for w in (a.sync_worlds or a.worlds).split(",")]
     where = "CPU" if a.cpu else f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
     print(f"{' '.join(sys.argv)}\n{where}, torch {torch.__version__}", flush=True)
     results = []
@@ -219,7 +239,7 @@ def main() -> None:
     print("\n| model | world | engine | transport | sync s, median [min, max] | GB/s | mismatch KL stale -> synced |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
-        for k, v in r.get("sync_s", {}).items():
+        for k, v in r.get("sync_s", {}).items():  # (sessions whose sync was measured)
             kl = r["kl"].get(k)
             kl = f"{kl['stale']:.2e} -> {kl['synced']:.2e}" if kl else ""
             print(f"| {r['model']} | {r['world']} | {k} | {r['transport'].get(k, 'checkpoint')} | {med(v)} | "

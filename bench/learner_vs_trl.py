@@ -6,7 +6,8 @@ size 1, gloo, chunked log-probs). TRL: `GRPOTrainer._compute_loss` (its fused LM
 variant runs in a fresh process; peak memory = peak RSS minus RSS after the model is loaded. CPU, fp32.
 `--gpu`: one GPU, bf16 compute with fp32 master weights on both sides (ours: FSDP2 mixed precision; TRL:
 `bf16=True`, the step under its accelerator's autocast), peak memory = `torch.cuda.max_memory_allocated`
-minus the allocation after the model is loaded.
+minus the allocation after the model is loaded. `BENCH_PROFILE=DIR`: one more step per variant under
+torch.profiler, its top ops written to DIR/profile_<variant>_<model dir>.txt.
 
     pip install trl==1.16.0   # bench-only dependency
     python bench/learner_vs_trl.py [--models dense0.4b,tiny_moe] [--batch 4] [--prompt-len 64] [--completion-len 128] [--vocab V] [--gpu]
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -87,14 +89,26 @@ def run(variant: str, model_dir: str, B: int, P: int, C: int, reps: int, gpu: bo
         torch.cuda.reset_peak_memory_stats()
     else:
         base = _rss_mb()
-    t0 = time.perf_counter()
+    times = []
     for _ in range(reps):
+        t0 = time.perf_counter()
         step()
-    if gpu:
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / reps
+        if gpu:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    if os.environ.get("BENCH_PROFILE"):  # one more step under the profiler: the top ops by device (CPU: host) time
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * gpu) as prof:
+            step()
+            if gpu:
+                torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total" if gpu else "cpu_time_total", row_limit=25)
+        with open(os.path.join(os.environ["BENCH_PROFILE"], f"profile_{variant}_{os.path.basename(model_dir)}.txt"), "w") as f:
+            f.write(table)
+    dt = statistics.median(times)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024) - base
-    return {"tokens_per_s": B * (P + C) / dt, "seconds": dt, "peak_extra_mb": peak}
+    return {"tokens_per_s": B * (P + C) / dt, "seconds": dt, "step_s": times, "peak_extra_mb": peak}
 
 
 def main() -> None:
@@ -103,7 +117,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--completion-len", type=int, default=128)
-    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--reps", type=int, default=5, help="timed steps per variant process (median [min, max] printed)")
+    p.add_argument("--rounds", type=int, default=1, help="TRL and ours processes alternated this many times each")
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the tiny tokenizer's 1,030); "
                    "151936 is Qwen3's, where the chunked head matters")
@@ -120,18 +135,22 @@ def main() -> None:
         kind, shape = SHAPES[name]
         shape = {**shape, **({"vocab_size": a.vocab} if a.vocab else {})}
         model_dir = str(build_tiny_model(kind, tempfile.mkdtemp(prefix="bench-trl-"), seed=0, **shape))
-        res = {}
-        for variant in ("trl", "ours"):
+        res, ratios = {}, []
+        for variant in ("trl", "ours") * a.rounds:
             cmd = [sys.executable, __file__, "--one", variant, model_dir, "--batch", str(a.batch), "--prompt-len",
                    str(a.prompt_len), "--completion-len", str(a.completion_len), "--reps", str(a.reps)] + ["--gpu"] * a.gpu
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 raise SystemExit(f"{variant} failed:\n{out.stderr[-3000:]}")
-            res[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-            r = res[variant]
-            print(f"  {name:10s} {variant:4s}: {r['tokens_per_s']:8.1f} tok/s, peak extra {r['peak_extra_mb']:7.0f} MB", flush=True)
-        print(f"  {name:10s} ratios ours/TRL: tokens/s {res['ours']['tokens_per_s'] / res['trl']['tokens_per_s']:.2f}x "
-              f"(target >= 1.5x), peak memory {res['ours']['peak_extra_mb'] / max(res['trl']['peak_extra_mb'], 1):.2f}x (target <= 0.5x)")
+            res[variant] = r = json.loads(out.stdout.strip().splitlines()[-1])
+            st = r["step_s"]
+            print(f"  {name:10s} {variant:4s}: {r['tokens_per_s']:8.1f} tok/s (step s median {r['seconds']:.3f} [{min(st):.3f}, "
+                  f"{max(st):.3f}] of {len(st)}), peak extra {r['peak_extra_mb']:7.0f} MB", flush=True)
+            if variant == "ours":
+                ratios.append(res["ours"]["tokens_per_s"] / res["trl"]["tokens_per_s"])
+        rs = f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}, {max(ratios):.2f}] over {len(ratios)} round(s)"
+        print(f"  {name:10s} ratios ours/TRL: tokens/s {rs} (target >= 1.5x), peak memory "
+              f"{res['ours']['peak_extra_mb'] / max(res['trl']['peak_extra_mb'], 1):.2f}x (target <= 0.5x)")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import math
 import os
 import random
 import shutil
+import zlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -291,12 +292,14 @@ class Learner:
         # Every rank must run the same number of forwards (FSDP collectives); pad with loss-free copies.
         while len(micro) < plan.num_micro:
             micro.append(_without_loss(micro[0]))
+        # No reference forward for micro-batches whose every domain has beta = 0 (V3.2: math), unless another
+        # rank's micro-batch at the same position needs one: the sharded reference's forward is collective.
+        want_refs = self._any_rank([spec.needs_reference and self.ref is not None and bool((mb.kl_coef != 0).any())
+                                    for mb in micro])
         sums: dict[str, float] = {}
-        for mb in micro:
+        for mb, want_ref in zip(micro, want_refs):
             mask = mb.loss_mask.to(self.device)
             kl_coef = mb.kl_coef.to(self.device)
-            # No reference forward for micro-batches whose every domain has beta = 0 (V3.2: math).
-            want_ref = spec.needs_reference and self.ref is not None and bool((kl_coef != 0).any())
             logp_ref = self._ref_logprobs(mb) if want_ref else None
             with self._routing(self.routing, mb, engine) as routed:
                 logp, stats = self._forward(self.model, self.routing, mb, engine, routed)
@@ -324,11 +327,26 @@ class Learner:
             keep_for_loss(self.model, False)
         return sums
 
+    def _any_rank(self, flags: list[bool]) -> list[bool]:
+        """Per position, whether any rank's flag is set (one all-reduce; the ranks pass equally long lists)."""
+        if not (dist.is_initialized() and self.world_size > 1) or not flags:
+            return flags
+        t = torch.tensor(flags, dtype=torch.int32, device=self.device)  # on the rank's device: NCCL has no CPU backend
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
     def _reduce_metrics(self, sums: dict, grad_norm: float) -> dict[str, float]:
         keys = sorted(sums)
         # On the rank's device: an NCCL process group (GPU) has no backend for CPU tensors.
         t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
         if dist.is_initialized() and self.world_size > 1:
+            # The same keys on every rank, else the sum below mixes metrics or never completes: checked first.
+            sig = torch.tensor([len(keys), zlib.crc32(",".join(keys).encode())], dtype=torch.int64, device=self.device)
+            hi, lo = sig.clone(), -sig
+            dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+            dist.all_reduce(lo, op=dist.ReduceOp.MAX)
+            if not torch.equal(hi, -lo):
+                raise RuntimeError(f"learner rank {self.rank}: the ranks' step metrics differ (this rank has {keys})")
             dist.all_reduce(t)
         red = dict(zip(keys, t.tolist()))
         tokens = max(red.pop("_tokens"), 1.0)

@@ -104,9 +104,13 @@ def test_agreement_is_logged_without_replay(tiny_moe, moe_samples):
 def test_two_ranks_equal_one_rank_and_resume_is_exact(ray_cluster, tiny_moe, moe_samples, tmp_path):
     """1 process x 4 micro-batches == 2 processes x 2 micro-batches (gradients); training on a fixed batch
     lowers the loss; resuming from a (background-written, sharded) checkpoint reproduces the next step's loss
-    exactly, and at world size 1 up to the reduction order."""
-    samples = moe_samples[:16]
-    base = dict(model=tiny_moe, temperature=SAMPLING.temperature, lr=3e-3, kl_coefs={"default": 0.05},
+    exactly, and at world size 1 up to the reduction order. The domains alternate, so rank 0's shard is all
+    beta = 0 (no reference needed there) and rank 1's all beta > 0: the ranks must still run the reference
+    forward together (FSDP collectives; a rank skipping it hung NCCL and aborted gloo)."""
+    samples = [copy.deepcopy(s) for s in moe_samples[:16]]
+    for i, s in enumerate(samples):
+        s.domain = ("math", "string")[i % 2]
+    base = dict(model=tiny_moe, temperature=SAMPLING.temperature, lr=3e-3, kl_coefs={"math": 0.0, "string": 0.05},
                 loss_cfg=LossConfig(opsm_delta=1.0))
     one = LearnerGroup(LearnerConfig(micro_batch_size=4, **base), world_size=1)
     two = LearnerGroup(LearnerConfig(micro_batch_size=4, **base), world_size=2)
