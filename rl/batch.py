@@ -85,6 +85,23 @@ class KeptBatch:
         bit_pos, bits = cut(self.bit_pos, self.bits)
         return KeptBatch(self.vocab_size, self.width, pos, id_pos, ids, bit_pos, bits)
 
+    def select(self, positions: torch.Tensor) -> "KeptBatch":
+        """The sets of `positions` (ascending flat positions), renumbered 0..len - 1 in that order as one
+        row: what the log-prob head sees when it runs only at those positions. Sets elsewhere are dropped."""
+        sel = positions.cpu()
+
+        def keep(p: torch.Tensor, *xs: torch.Tensor):
+            if not len(sel):
+                return (p[:0], *(x[:0] for x in xs))
+            j = torch.searchsorted(sel, p).clamp(max=len(sel) - 1)
+            hit = sel[j] == p
+            return (j[hit], *(x[hit] for x in xs))
+
+        pos, = keep(self.pos)
+        id_pos, ids = keep(self.id_pos, self.ids)
+        bit_pos, bits = keep(self.bit_pos, self.bits)
+        return KeptBatch(self.vocab_size, max(len(sel), 1), pos, id_pos, ids, bit_pos, bits)
+
     def chunk(self, s: int, e: int, device):
         """Positions `[s, e)` for the log-prob head: ("ids", padded `[n, K]` ids (-1 = padding), has_set
         `[n]`) when every set there is id-encoded (small: the head gathers K logits a row), else ("mask",

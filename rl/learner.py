@@ -175,8 +175,11 @@ class Learner:
         kept_mass `[B, T]`, routing agreement. Engine samples use the engine's kept sets and temperature."""
         head = model.get_output_embeddings()
         kept = mb.kept if (engine_samples and self.cfg.keep_sampling_mask) else None
+        # Only the loss's positions (responses; LossInputs leaves the others free): the head is the step's
+        # largest cost at a 150k vocabulary, and prompts are often a fifth of the tokens or more.
+        at = mb.loss_mask.reshape(-1).nonzero().squeeze(1).to(self.device)
         head.request = (mb.targets.to(self.device), kept, self.cfg.logprob_chunk,
-                        self.cfg.temperature if engine_samples else 1.0)
+                        self.cfg.temperature if engine_samples else 1.0, at)
         try:
             logp = model(input_ids=mb.input_ids.to(self.device), attention_mask=mb.attention_mask.to(self.device),
                          use_cache=False).logits  # [B, T] via the head
@@ -523,16 +526,21 @@ class ChunkedLogprobHead(torch.nn.Module):
     def __init__(self, linear: torch.nn.Module):
         super().__init__()
         self.weight = linear.weight
-        self.request = None  # (targets [B, T], rl.batch.KeptBatch or None, chunk size, temperature)
+        self.request = None  # (targets [B, T], rl.batch.KeptBatch or None, chunk size, temperature, positions)
         self.entropy = self.kept_mass = None  # [B, T] of the last request (no gradient)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.request is None:
             return torch.nn.functional.linear(hidden, self.weight)
-        targets, kept, chunk, temperature = self.request
-        logp, self.entropy, self.kept_mass = algos.token_logprobs(hidden, self.weight, targets, chunk, kept_ids=kept,
-                                                                  temperature=temperature, return_stats=True)
-        return logp.clone()  # not a view: FSDP2 hooks the module output for backward
+        targets, kept, chunk, temperature, at = self.request  # at: the flat positions to compute, ascending
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, at)
+        logp, ent, mass = algos.token_logprobs(h, self.weight, targets.reshape(-1).index_select(0, at), chunk,
+                                               kept_ids=kept.select(at) if kept is not None else None,
+                                               temperature=temperature, return_stats=True)
+        # Elsewhere: log-prob 0, entropy 0, kept mass 1 (positions without a loss; never read).
+        spread = lambda x, fill: torch.full((targets.numel(),), fill, dtype=x.dtype, device=x.device).index_copy(0, at, x)  # noqa: E731
+        self.entropy, self.kept_mass = spread(ent, 0.0).view(targets.shape), spread(mass, 1.0).view(targets.shape)
+        return spread(logp, 0.0).view(targets.shape)  # a new tensor, not a view: FSDP2 hooks the module output
 
 
 def _rng_state() -> dict:

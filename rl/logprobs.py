@@ -66,7 +66,8 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 out[s:e].masked_fill_(~in_set, float("-inf"))
             if want_stats:  # H = lse - sum_v p_v * logit_v over the support, for logging only
                 p = (support - lse[:, None]).exp_()
-                ent[s:e] = lse - (p * support.nan_to_num(neginf=0.0)).sum(-1)
+                finite = support if kept is None else support.nan_to_num(neginf=0.0)  # -inf outside a set: p = 0
+                ent[s:e] = lse - torch.bmm(p[:, None, :], finite[:, :, None]).view(-1)  # no [n, V] product
                 if full is not None:  # the policy's own mass on the kept set, before renormalising
                     mass[s:e] = (lse - full).exp()
         ctx.save_for_backward(hidden, weight, token_ids, lse_all)

@@ -181,6 +181,40 @@ def test_kept_batch_ids_and_bitmap_chunks_equal_the_loop(chunk):
     torch.testing.assert_close(out[on], ref, rtol=1e-10, atol=1e-10)
     assert torch.isfinite(out).all()  # prompt and padding positions: {target}, log-prob 0
     gh, gw = torch.autograd.grad(out[on].sum(), (hidden, w))
-    rh, rw = torch.autograd.grad(ref.sum(), (hidden, w))
+    rh, rw = torch.autograd.grad(ref.sum(), (hidden, w), retain_graph=True)
     torch.testing.assert_close(gh, rh, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(gw, rw, rtol=1e-9, atol=1e-9)
+    # The learner's head runs only at the loss's positions: KeptBatch.select renumbers their sets. One response
+    # position is left out too (its set must be dropped, not shifted onto the next position).
+    at = on.reshape(-1).nonzero().squeeze(1)
+    at = torch.cat([at[:4], at[5:]])
+    sel = token_logprobs(hidden.reshape(-1, H)[at], w, batch.targets.reshape(-1)[at], chunk, kept_ids=batch.kept.select(at))
+    ref_at = torch.cat([ref[:4], ref[5:]])
+    torch.testing.assert_close(sel, ref_at, rtol=1e-10, atol=1e-10)
+    sh, sw = torch.autograd.grad(sel.sum(), (hidden, w))
+    rh, rw = torch.autograd.grad(ref_at.sum(), (hidden, w))
+    torch.testing.assert_close(sh, rh, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(sw, rw, rtol=1e-9, atol=1e-9)
+
+
+def test_learner_head_at_loss_positions_equals_every_position():
+    """rl.learner.ChunkedLogprobHead computes only the requested positions (the loss's): there its log-probs,
+    entropy, kept mass and gradients equal the all-positions computation; elsewhere 0, 0 and 1."""
+    from rl.learner import ChunkedLogprobHead
+
+    hidden, w, ids = _inputs(3, 7, 16, 50, seed=3)
+    head = ChunkedLogprobHead(torch.nn.Linear(16, 50, bias=False))
+    head.weight = torch.nn.Parameter(w.detach().clone())
+    on = torch.rand(ids.shape, generator=torch.Generator().manual_seed(4)) > 0.4
+    at = on.reshape(-1).nonzero().squeeze(1)
+    head.request = (ids, None, 4, 0.7, at)
+    out = head(hidden)
+    full, ent, mass = token_logprobs(hidden, head.weight, ids, 4, temperature=0.7, return_stats=True)
+    torch.testing.assert_close(out[on], full[on], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(head.entropy[on], ent[on], rtol=1e-12, atol=1e-12)
+    assert (out[~on] == 0).all() and (head.entropy[~on] == 0).all() and (head.kept_mass == 1).all()
+    up = torch.randn(ids.shape, dtype=torch.float64) * on
+    g = torch.autograd.grad((out * up).sum(), (hidden, head.weight))
+    r = torch.autograd.grad((full * up).sum(), (hidden, head.weight))
+    for a, b in zip(g, r):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
