@@ -38,7 +38,7 @@ for s in "$@"; do
            --batch 8 --prompt-len 256 --completion-len 1024 --vocab 151936 --reps 5 --rounds ${TRL_ROUNDS:-1} ;;
     e2e_trl) stage e2e_trl "${T_E2E:-580}" python3 bench/e2e_vs_trl.py --gpu --steps 25 --prompts 32 --n 8 --max-tokens 256 \
                '~rewards.math.language' ;;  # TRL's server mode runs `vllm serve`: stage uvicorn and its kin too (untried)
-    modes) stage modes "${T_MODES:-540}" python3 bench/e2e_modes.py --steps ${MODES_STEPS:-25} rollout=vllm rollout.engine_gpus=1 \
+    modes) stage modes "${T_MODES:-570}" python3 bench/e2e_modes.py --steps ${MODES_STEPS:-25} rollout=vllm rollout.engine_gpus=1 \
              trainer.learner_gpus=1 '~rewards.math.language' ${MODES_ARGS:-} ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
