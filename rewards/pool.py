@@ -134,6 +134,9 @@ class ScoringPool:
         fn = functools.partial(get_scorer(name), **args) if args else get_scorer(name)
         if not self.isolate:
             return call_scorer(name, fn, completions, **rows)
+        return self._run_isolated(name, args, fn, completions, rows)
+
+    def _run_isolated(self, name: str, args: dict, fn, completions: list[str], rows: dict[str, list]) -> list[float | None]:
         res = call_with_timeout(call_scorer, (name, fn, completions), rows, self.timeout_s * len(completions))
         if res.ok:
             return res.value
@@ -143,10 +146,12 @@ class ScoringPool:
             reason = res.error if res.error == "timeout" or res.error.startswith("crashed") else "exception"
             record_event(name, reason.split(" (")[0])
             return [None]
-        # Isolate the culprit(s): one child per completion, in parallel threads.
-        one = lambda i: self.run_scorer(name, args, [completions[i]], {k: [v[i]] for k, v in rows.items()})  # noqa: E731
-        futures = [self._threads.submit(contextvars.copy_context().run, one, i) for i in range(len(completions))]
-        return [s for f in futures for s in f.result()]
+        # Isolate the culprit(s): one child per completion, in threads of their own: the pool's threads may all
+        # be dimensions waiting here (queued behind them, the completions would never run).
+        one = lambda i: self._run_isolated(name, args, fn, [completions[i]], {k: [v[i]] for k, v in rows.items()})  # noqa: E731
+        with ThreadPoolExecutor(max_workers=min(16, len(completions))) as ex:
+            futures = [ex.submit(contextvars.copy_context().run, one, i) for i in range(len(completions))]
+            return [s for f in futures for s in f.result()]
 
     def score(self, spec: RewardSpec, completions: list[str], rows: dict[str, list]) -> list[dict[str, float | None]]:
         """One reward vector (dimension -> score or None) per completion; dimensions scored concurrently."""

@@ -177,7 +177,7 @@ class Learner:
         kept = mb.kept if (engine_samples and self.cfg.keep_sampling_mask) else None
         # Only the loss's positions (responses; LossInputs leaves the others free): the head is the step's
         # largest cost at a 150k vocabulary, and prompts are often a fifth of the tokens or more.
-        at = mb.loss_mask.reshape(-1).nonzero().squeeze(1).to(self.device)
+        at = (mb.loss_mask.reshape(-1) > 0).nonzero().squeeze(1).to(self.device)
         head.request = (mb.targets.to(self.device), kept, self.cfg.logprob_chunk,
                         self.cfg.temperature if engine_samples else 1.0, at)
         try:
@@ -297,8 +297,9 @@ class Learner:
             micro.append(_without_loss(micro[0]))
         # No reference forward for micro-batches whose every domain has beta = 0 (V3.2: math), unless another
         # rank's micro-batch at the same position needs one: the sharded reference's forward is collective.
-        want_refs = self._any_rank([spec.needs_reference and self.ref is not None and bool((mb.kl_coef != 0).any())
-                                    for mb in micro])
+        want_refs = [False] * len(micro)
+        if spec.needs_reference and self.ref is not None:  # the same on every rank: no collective otherwise
+            want_refs = self._any_rank([bool((mb.kl_coef != 0).any()) for mb in micro])
         sums: dict[str, float] = {}
         for mb, want_ref in zip(micro, want_refs):
             mask = mb.loss_mask.to(self.device)
@@ -345,10 +346,9 @@ class Learner:
         if dist.is_initialized() and self.world_size > 1:
             # The same keys on every rank, else the sum below mixes metrics or never completes: checked first.
             sig = torch.tensor([len(keys), zlib.crc32(",".join(keys).encode())], dtype=torch.int64, device=self.device)
-            hi, lo = sig.clone(), -sig
-            dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-            dist.all_reduce(lo, op=dist.ReduceOp.MAX)
-            if not torch.equal(hi, -lo):
+            both = torch.cat([sig, -sig])  # max and -min in one all-reduce
+            dist.all_reduce(both, op=dist.ReduceOp.MAX)
+            if not torch.equal(both[:2], -both[2:]):
                 raise RuntimeError(f"learner rank {self.rank}: the ranks' step metrics differ (this rank has {keys})")
             dist.all_reduce(t)
         red = dict(zip(keys, t.tolist()))
@@ -510,7 +510,7 @@ def _reshard(model) -> None:
 def _without_loss(mb: TrainBatch) -> TrainBatch:
     from dataclasses import replace
 
-    return replace(mb, loss_mask=torch.zeros_like(mb.loss_mask))
+    return replace(mb, loss_mask=torch.zeros_like(mb.loss_mask), kl_coef=torch.zeros_like(mb.kl_coef))  # no reference forward for it
 
 
 def _decoder_layers(model) -> list[torch.nn.Module]:
@@ -538,9 +538,13 @@ class ChunkedLogprobHead(torch.nn.Module):
                                                kept_ids=kept.select(at) if kept is not None else None,
                                                temperature=temperature, return_stats=True)
         # Elsewhere: log-prob 0, entropy 0, kept mass 1 (positions without a loss; never read).
-        spread = lambda x, fill: torch.full((targets.numel(),), fill, dtype=x.dtype, device=x.device).index_copy(0, at, x)  # noqa: E731
-        self.entropy, self.kept_mass = spread(ent, 0.0).view(targets.shape), spread(mass, 1.0).view(targets.shape)
-        return spread(logp, 0.0).view(targets.shape)  # a new tensor, not a view: FSDP2 hooks the module output
+        def spread(x: torch.Tensor, fill: float) -> torch.Tensor:  # a new [B, T] tensor, not a view: FSDP2 hooks the output
+            out = x.new_full(targets.shape, fill)
+            out.view(-1).index_copy_(0, at, x)
+            return out
+
+        self.entropy, self.kept_mass = spread(ent, 0.0), spread(mass, 1.0)
+        return spread(logp, 0.0)
 
 
 def _rng_state() -> dict:

@@ -66,6 +66,18 @@ def test_timeout_isolates_the_culprit_in_main_thread():
     assert time.monotonic() - t0 < 6
 
 
+def test_every_dimension_failing_at_once_does_not_deadlock_the_pool():
+    """More failing dimensions than the pool has threads: each falls back to one child per completion, in
+    threads of its own (in the pool's, queued behind the waiting dimensions, they never ran)."""
+    spec = parse_spec("t", {f"d{i}": {"scorer": CRASHY} for i in range(3)})
+    result: dict = {}
+    th = threading.Thread(target=lambda: result.setdefault("out", ScoringPool(timeout_s=5, threads=2).score(spec, ["a", "boom", "b"], {})))
+    th.start()
+    th.join(60)
+    assert not th.is_alive(), "the scoring pool deadlocked"
+    assert [[v[f"d{i}"] for i in range(3)] for v in result["out"]] == [[1.0] * 3, [None] * 3, [1.0] * 3]
+
+
 def test_timeout_works_in_a_worker_thread():
     result = {}
     th = threading.Thread(target=lambda: result.setdefault("out", _score_hung_batch(ScoringPool(timeout_s=0.5))))
