@@ -17,6 +17,14 @@ def _inputs(B=3, L=7, H=16, V=50, seed=0, dtype=torch.float64):
     return hidden, w, ids
 
 
+def _same_grads(out: torch.Tensor, ref: torch.Tensor, inputs: tuple, tol: float = 1e-9, retain: bool = False) -> None:
+    """d out.sum() == d ref.sum() with respect to every input."""
+    got = torch.autograd.grad(out.sum(), inputs)
+    want = torch.autograd.grad(ref.sum(), inputs, retain_graph=retain)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=tol, atol=tol)
+
+
 class Padded:
     """Kept sets as a padded `[..., K]` id tensor (-1 = padding) behind `rl.batch.KeptBatch`'s `chunk`
     interface (what `token_logprobs` reads): the small hand-made inputs of these tests."""
@@ -95,10 +103,7 @@ def test_chunked_sampling_mask_equals_full_and_loop():
     loop = _sampling_mask_loop(logits.reshape(-1, V), ids.reshape(-1), kept.reshape(-1, K)).reshape(B, L)
     torch.testing.assert_close(full, loop, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out, full, rtol=1e-12, atol=1e-12)
-    gh, gw = torch.autograd.grad(out.sum(), (hidden, w))
-    rh, rw = torch.autograd.grad(loop.sum(), (hidden, w))
-    torch.testing.assert_close(gh, rh, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(gw, rw, rtol=1e-9, atol=1e-9)
+    _same_grads(out, loop, (hidden, w))
 
 
 def test_full_kept_set_is_the_plain_softmax():
@@ -180,10 +185,7 @@ def test_kept_batch_ids_and_bitmap_chunks_equal_the_loop(chunk):
     ref = torch.stack(ref)
     torch.testing.assert_close(out[on], ref, rtol=1e-10, atol=1e-10)
     assert torch.isfinite(out).all()  # prompt and padding positions: {target}, log-prob 0
-    gh, gw = torch.autograd.grad(out[on].sum(), (hidden, w))
-    rh, rw = torch.autograd.grad(ref.sum(), (hidden, w), retain_graph=True)
-    torch.testing.assert_close(gh, rh, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(gw, rw, rtol=1e-9, atol=1e-9)
+    _same_grads(out[on], ref, (hidden, w), retain=True)
     # The learner's head runs only at the loss's positions: KeptBatch.select renumbers their sets. One response
     # position is left out too (its set must be dropped, not shifted onto the next position).
     at = on.reshape(-1).nonzero().squeeze(1)
@@ -191,10 +193,7 @@ def test_kept_batch_ids_and_bitmap_chunks_equal_the_loop(chunk):
     sel = token_logprobs(hidden.reshape(-1, H)[at], w, batch.targets.reshape(-1)[at], chunk, kept_ids=batch.kept.select(at))
     ref_at = torch.cat([ref[:4], ref[5:]])
     torch.testing.assert_close(sel, ref_at, rtol=1e-10, atol=1e-10)
-    sh, sw = torch.autograd.grad(sel.sum(), (hidden, w))
-    rh, rw = torch.autograd.grad(ref_at.sum(), (hidden, w))
-    torch.testing.assert_close(sh, rh, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(sw, rw, rtol=1e-9, atol=1e-9)
+    _same_grads(sel, ref_at, (hidden, w))
 
 
 def test_learner_head_at_loss_positions_equals_every_position():
@@ -214,7 +213,4 @@ def test_learner_head_at_loss_positions_equals_every_position():
     torch.testing.assert_close(head.entropy[on], ent[on], rtol=1e-12, atol=1e-12)
     assert (out[~on] == 0).all() and (head.entropy[~on] == 0).all() and (head.kept_mass == 1).all()
     up = torch.randn(ids.shape, dtype=torch.float64) * on
-    g = torch.autograd.grad((out * up).sum(), (hidden, head.weight))
-    r = torch.autograd.grad((full * up).sum(), (hidden, head.weight))
-    for a, b in zip(g, r):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    _same_grads(out * up, full * up, (hidden, head.weight), tol=1e-10)
