@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchstats import spread
+
 KEYS = ("time/generate", "time/score", "time/train", "time/sync")  # per step, from metrics.jsonl
 
 
@@ -48,10 +50,6 @@ def run_mode(mode: str, steps: int, overrides: list[str]) -> dict:
     return out
 
 
-def med(v: list[float], fmt: str = ".2f") -> str:
-    return f"{statistics.median(v):{fmt}} [{min(v):{fmt}}, {max(v):{fmt}}]"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20)
@@ -62,7 +60,7 @@ def main() -> None:
     for i, res in enumerate(runs):
         for mode, r in res.items():
             split = " ".join(f"{k.split('/')[1]}={r[k]:.2f}s" for k in KEYS)
-            print(f"  [{i}] {mode:5s}: {split}  wall/step median [min, max] {med(r['walls'])} s  reward "
+            print(f"  [{i}] {mode:5s}: {split}  wall/step median [min, max] {spread(r['walls'], '.2f')} s  reward "
                   f"{r['reward_first']:.3f} -> {r['reward_last']:.3f}  max mismatch KL {r['mismatch_kl_max']:.1e}  "
                   f"(whole run {r['total_s']:.0f} s)")
         s = res["sync"]
@@ -70,7 +68,7 @@ def main() -> None:
         print(f"  [{i}] score share of the sync step {s['time/score'] / (c + l):.1%}; pipeline ceiling (c + l) / max(c, l) = "
               f"{(c + l) / max(c, l):.2f}x with collect c = {c:.2f} s, learn l = {l:.2f} s")
     ratios = [res["sync"]["wall_per_step"] / res["async"]["wall_per_step"] for res in runs]
-    print(f"  async speed-up (median wall per step, sync / async) = {med(ratios)}x over {len(ratios)} pair(s)")
+    print(f"  async speed-up (median wall per step, sync / async) = {spread(ratios, '.2f')}x over {len(ratios)} pair(s)")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ engines sit on different GPUs of the same kind; the roles swap halfway to cancel
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
+
+from benchstats import spread
 
 
 def main() -> None:
@@ -55,8 +56,8 @@ def main() -> None:
                       f"kept rows {len(s.kept)}, mean kept set {s.kept.sizes().mean():.0f}, bytes/token {s.kept.nbytes / len(s.kept):.0f}")
     ratios = [c / n for c, n in zip(rates["captures"], rates["none"])]
     for k, v in rates.items():
-        print(f"{k:9s} tok/s median {statistics.median(v):,.0f} [{min(v):,.0f}, {max(v):,.0f}]")
-    print(f"throughput ratio captures/none: median {statistics.median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}] "
+        print(f"{k:9s} tok/s median {spread(v, ',.0f')}")
+    print(f"throughput ratio captures/none: median {spread(ratios)} "
           f"over {len(ratios)} interleaved reps; captures {want}")
 
 

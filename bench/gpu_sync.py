@@ -33,6 +33,8 @@ import sys
 import tempfile
 import time
 
+from benchstats import spread
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
@@ -95,10 +97,6 @@ def weight_bytes(model_dir: str, dtype: str) -> int:
     from rollout.weight_transfer import sync_state
 
     return sum(t.numel() for t in sync_state(m).values()) * getattr(torch, dtype).itemsize
-
-
-def med(v: list[float]) -> str:
-    return f"{statistics.median(v):.3f} [{min(v):.3f}, {max(v):.3f}]"
 
 
 def session(model: str, world: int, a, run_dir: str) -> dict:
@@ -167,7 +165,7 @@ def measure_sync(learner, mgrs: dict, cfgs: dict, s, world: int, a, out: dict) -
     out["sync_s"] = times
     for k, v in times.items():
         label = out["transport"].get(k, "checkpoint")
-        print(f"  sync {k:16s} {label:10s} s median {med(v)}  GB/s {nbytes / statistics.median(v) / 1e9:6.2f}", flush=True)
+        print(f"  sync {k:16s} {label:10s} s median {spread(v)}  GB/s {nbytes / statistics.median(v) / 1e9:6.2f}", flush=True)
     for k, v in out["kl"].items():
         print(f"  mismatch KL {k}: stale {v['stale']:.2e} -> after sync {v['synced']:.2e}", flush=True)
     out["loader"] = {k: ray.get(m.engines[0].weight_sync_stats.remote()) for k, m in mgrs.items()}
@@ -196,7 +194,7 @@ def measure_train(learner, far, cfg, s, a, out: dict) -> None:
             steps.append(time.perf_counter() - t0)
     toks = sum(len(x.prompt_ids) + len(x.response_ids) for x in batch)
     out["train_s"], out["train_tokens"] = steps, toks
-    print(f"  learner step, {len(batch)} samples, {toks} tokens: s median {med(steps)}  tok/s "
+    print(f"  learner step, {len(batch)} samples, {toks} tokens: s median {spread(steps)}  tok/s "
           f"{toks / statistics.median(steps):,.0f}", flush=True)
 
 def main() -> None:
@@ -242,7 +240,7 @@ def main() -> None:
         for k, v in r.get("sync_s", {}).items():  # (sessions whose sync was measured)
             kl = r["kl"].get(k)
             kl = f"{kl['stale']:.2e} -> {kl['synced']:.2e}" if kl else ""
-            print(f"| {r['model']} | {r['world']} | {k} | {r['transport'].get(k, 'checkpoint')} | {med(v)} | "
+            print(f"| {r['model']} | {r['world']} | {k} | {r['transport'].get(k, 'checkpoint')} | {spread(v)} | "
                   f"{r['bytes'] / statistics.median(v) / 1e9:.2f} | {kl} |")
     steps = {r["world"]: statistics.median(r["train_s"]) for r in results if r.get("train_s")}
     if 1 in steps and 2 in steps:

@@ -24,6 +24,8 @@ import sys
 import tempfile
 import time
 
+from benchstats import spread
+
 SHAPES = {"dense0.4b": ("dense", dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                                       num_key_value_heads=8, head_dim=64)),
           "tiny_moe": ("moe", {}),
@@ -148,7 +150,7 @@ def main() -> None:
                   f"{max(st):.3f}] of {len(st)}), peak extra {r['peak_extra_mb']:7.0f} MB", flush=True)
             if variant == "ours":
                 ratios.append(res["ours"]["tokens_per_s"] / res["trl"]["tokens_per_s"])
-        rs = f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}, {max(ratios):.2f}] over {len(ratios)} round(s)"
+        rs = f"{spread(ratios, '.2f')}x over {len(ratios)} round(s)"
         print(f"  {name:10s} ratios ours/TRL: tokens/s {rs} (target >= 1.5x), peak memory "
               f"{res['ours']['peak_extra_mb'] / max(res['trl']['peak_extra_mb'], 1):.2f}x (target <= 0.5x)")
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
 import sys
 import tempfile
 import time
+
+from benchstats import spread
 
 for k, v in {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}.items():
     os.environ.setdefault(k, v)
@@ -87,8 +88,8 @@ def main() -> None:
     print(f"tiny {cfg.model.tiny}, {a.prompts} prompts x n={a.n}, {a.max_tokens} new tokens, {cfg.rollout.dtype}, "
           f"enforce_eager={cfg.rollout.enforce_eager}, {where}")
     for mode, v in rates.items():
-        print(f"{mode:5s} tok/s median {statistics.median(v):9,.0f} [{min(v):,.0f}, {max(v):,.0f}]")
-    print(f"ratio ours / raw vLLM: median {statistics.median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}] "
+        print(f"{mode:5s} tok/s median {spread(v, ',.0f')}")
+    print(f"ratio ours / raw vLLM: median {spread(ratios)} "
           f"over {len(ratios)} interleaved reps (target >= 0.95)")
 
 

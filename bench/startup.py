@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
+
+from benchstats import spread
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -50,9 +51,8 @@ def main() -> None:
     ratios = [x / y for x, y in zip(times["sequential"], times["parallel"])]
     print(f"rollout.engine={cfg.rollout.engine} engine_gpus={cfg.rollout.engine_gpus} learner_gpus={cfg.trainer.learner_gpus}")
     for mode, v in times.items():
-        print(f"{mode:10s} s median {statistics.median(v):.2f} [{min(v):.2f}, {max(v):.2f}]")
-    print(f"ratio sequential / parallel: median {statistics.median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}] "
-          f"over {len(ratios)} interleaved reps")
+        print(f"{mode:10s} s median {spread(v, '.2f')}")
+    print(f"ratio sequential / parallel: median {spread(ratios)} over {len(ratios)} interleaved reps")
 
 
 if __name__ == "__main__":
