@@ -95,6 +95,8 @@ class KeptBatch:
                 return (p[:0], *(x[:0] for x in xs))
             j = torch.searchsorted(sel, p).clamp(max=len(sel) - 1)
             hit = sel[j] == p
+            if bool(hit.all()):  # the usual case (sets only where the loss is): no copy of the bitmaps
+                return (j, *xs)
             return (j[hit], *(x[hit] for x in xs))
 
         pos, = keep(self.pos)
