@@ -34,7 +34,7 @@ def main() -> None:
     import torch
     import transformers.models.qwen3_moe.modeling_qwen3_moe as qm
 
-    from rl.learner import Learner, LearnerConfig, plan_step
+    from rl.learner import Learner, LearnerConfig, metric_means, plan_step
     from rollout.engine import EngineConfig, SamplingConfig
     from rollout.tiny_models import build_tiny_model
     from rollout.vllm_engine import VLLMEngine
@@ -83,7 +83,7 @@ def main() -> None:
         learner.zero_grads()
         d = np.concatenate([np.asarray(l) - np.asarray(s.logprobs) for s, l in zip(samples, lp)])
         out = {"mismatch_kl_k3": float(np.mean(np.exp(d) - d - 1)), "mean_log_ratio": float(d.mean()),
-               "ratio_mean": float(np.mean(np.exp(d))), "routing_agreement": sums["routing_agreement"] / sums["_tokens"]}
+               "ratio_mean": float(np.mean(np.exp(d))), "routing_agreement": metric_means(sums)["routing_agreement"]}
         learner.shutdown()
         return out
 

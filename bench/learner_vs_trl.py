@@ -50,17 +50,28 @@ def _batch(B: int, P: int, C: int, vocab: int):
     return prompt, completion, old, adv
 
 
+def parse_variant(spec: str) -> tuple[str, bool, int | None]:
+    """`ours`, `trl+gc` (gradient checkpointing), `ours@1024` (log-prob chunk): (side, checkpointing, chunk)."""
+    spec, _, chunk = spec.partition("@")
+    side, _, gc = spec.partition("+")
+    if side not in ("ours", "trl") or gc not in ("", "gc") or (chunk and side != "ours"):
+        raise SystemExit(f"--variants: bad variant {spec!r} (ours | trl, then +gc, then @CHUNK for ours)")
+    return side, gc == "gc", int(chunk) if chunk else None
+
+
 def run(variant: str, model_dir: str, B: int, P: int, C: int, reps: int, gpu: bool = False) -> dict:
     import torch
 
+    side, gc, chunk = parse_variant(variant)
     vocab = json.load(open(os.path.join(model_dir, "config.json")))["vocab_size"]
     prompt, completion, old, adv = _batch(B, P, C, vocab)
-    if variant == "ours":
+    if side == "ours":
         from rl.learner import Learner, LearnerConfig, plan_step
         from rollout.sample import Sample, Status
 
-        learner = Learner(LearnerConfig(model=model_dir, micro_batch_size=B, keep_routing=False,
-                                        param_dtype="bfloat16" if gpu else "float32"))
+        learner = Learner(LearnerConfig(model=model_dir, micro_batch_size=B, keep_routing=False, gradient_checkpointing=gc,
+                                        param_dtype="bfloat16" if gpu else "float32",
+                                        **({"logprob_chunk": chunk} if chunk else {})))
         samples = [Sample(prompt_ids=prompt[b].tolist(), response_ids=completion[b].tolist(), logprobs=old[b].tolist(),
                           loss_mask=[1] * C, status=Status.COMPLETED, advantage=float(adv[b])) for b in range(B)]
         totals = plan_step(samples, 1, B)
@@ -70,7 +81,8 @@ def run(variant: str, model_dir: str, B: int, P: int, C: int, reps: int, gpu: bo
         from trl import GRPOConfig, GRPOTrainer
 
         args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=B, num_generations=B, beta=0.0, loss_type="grpo",
-                          use_cpu=not gpu, bf16=gpu, report_to=[], max_completion_length=C, logging_steps=1000)
+                          use_cpu=not gpu, bf16=gpu, report_to=[], max_completion_length=C, logging_steps=1000,
+                          gradient_checkpointing=gc)
         trainer = GRPOTrainer(model=model_dir, reward_funcs=[lambda completions, **k: [0.0] * len(completions)],
                               args=args, train_dataset=Dataset.from_list([{"prompt": "x"}] * B))
         model, dev = trainer.model, trainer.accelerator.device
@@ -121,6 +133,10 @@ def main() -> None:
     p.add_argument("--completion-len", type=int, default=128)
     p.add_argument("--reps", type=int, default=5, help="timed steps per variant process (median [min, max] printed)")
     p.add_argument("--rounds", type=int, default=1, help="TRL and ours processes alternated this many times each")
+    p.add_argument("--variants", default="trl,ours",
+                   help="processes per round, in order: ours | trl, +gc for gradient checkpointing (TRL's own default is "
+                        "on), @N for our log-prob chunk; each ours variant is compared with the last trl variant of "
+                        "the same checkpointing, e.g. trl,ours,trl+gc,ours+gc,ours@256")
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the tiny tokenizer's 1,030); "
                    "151936 is Qwen3's, where the chunked head matters")
@@ -137,8 +153,11 @@ def main() -> None:
         kind, shape = SHAPES[name]
         shape = {**shape, **({"vocab_size": a.vocab} if a.vocab else {})}
         model_dir = str(build_tiny_model(kind, tempfile.mkdtemp(prefix="bench-trl-"), seed=0, **shape))
-        res, ratios = {}, []
-        for variant in ("trl", "ours") * a.rounds:
+        variants = a.variants.split(",")
+        for v in variants:
+            parse_variant(v)
+        res, ratios = {}, {}
+        for variant in variants * a.rounds:
             cmd = [sys.executable, __file__, "--one", variant, model_dir, "--batch", str(a.batch), "--prompt-len",
                    str(a.prompt_len), "--completion-len", str(a.completion_len), "--reps", str(a.reps)] + ["--gpu"] * a.gpu
             out = subprocess.run(cmd, capture_output=True, text=True)
@@ -146,13 +165,17 @@ def main() -> None:
                 raise SystemExit(f"{variant} failed:\n{out.stderr[-3000:]}")
             res[variant] = r = json.loads(out.stdout.strip().splitlines()[-1])
             st = r["step_s"]
-            print(f"  {name:10s} {variant:4s}: {r['tokens_per_s']:8.1f} tok/s (step s median {r['seconds']:.3f} [{min(st):.3f}, "
+            print(f"  {name:10s} {variant:10s}: {r['tokens_per_s']:8.1f} tok/s (step s median {r['seconds']:.3f} [{min(st):.3f}, "
                   f"{max(st):.3f}] of {len(st)}), peak extra {r['peak_extra_mb']:7.0f} MB", flush=True)
-            if variant == "ours":
-                ratios.append(res["ours"]["tokens_per_s"] / res["trl"]["tokens_per_s"])
-        rs = f"{spread(ratios, '.2f')}x over {len(ratios)} round(s)"
-        print(f"  {name:10s} ratios ours/TRL: tokens/s {rs} (target >= 1.5x), peak memory "
-              f"{res['ours']['peak_extra_mb'] / max(res['trl']['peak_extra_mb'], 1):.2f}x (target <= 0.5x)")
+            side, gc, _ = parse_variant(variant)
+            trl = "trl+gc" if gc else "trl"
+            if side == "ours" and trl in res:
+                ratios.setdefault(variant, []).append((r["tokens_per_s"] / res[trl]["tokens_per_s"],
+                                                       r["peak_extra_mb"] / max(res[trl]["peak_extra_mb"], 1)))
+        for variant, rs in ratios.items():
+            speed, mem = [x for x, _ in rs], [m for _, m in rs]
+            print(f"  {name:10s} {variant:10s} / {'trl+gc' if '+gc' in variant else 'trl':6s}: tokens/s {spread(speed, '.2f')}x "
+                  f"over {len(rs)} round(s) (target >= 1.5x), peak memory {spread(mem, '.2f')}x (target <= 0.5x)")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import math
 import os
 import random
 import shutil
-import zlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,7 +48,7 @@ class LearnerConfig:
     warmup_steps: int = 0
     grad_clip: float = 1.0
     micro_batch_size: int = 8
-    logprob_chunk: int = 256
+    logprob_chunk: int = 1024  # positions per log-prob chunk: ~0.6 GB of fp32 logits at a 152k vocabulary
     param_dtype: str = "float32"  # bfloat16: FSDP2 mixed precision (master weights and reductions stay fp32)
     gradient_checkpointing: bool = False  # recompute each decoder layer in backward (activation memory)
     loss: str = "grpo"  # a POLICY_LOSSES name: grpo | sft
@@ -170,34 +169,35 @@ class Learner:
         with routing.replay(routed) if self.cfg.keep_routing else routing.capture():
             yield routed
 
-    def _forward(self, model, routing, mb: TrainBatch, engine_samples: bool, routed):
+    def _forward(self, model, routing, mb: TrainBatch, engine_samples: bool, routed, stats: bool = True):
         """Per-position log-probs `[B, T]` of the targets (differentiable) and their statistics: entropy and
-        kept_mass `[B, T]`, routing agreement. Engine samples use the engine's kept sets and temperature."""
+        kept_mass `[B, T]` (None unless `stats`: they cost two passes over each chunk's logits), routing
+        agreement. Engine samples use the engine's kept sets and temperature."""
         head = model.get_output_embeddings()
         kept = mb.kept if (engine_samples and self.cfg.keep_sampling_mask) else None
         # Only the loss's positions (responses; LossInputs leaves the others free): the head is the step's
         # largest cost at a 150k vocabulary, and prompts are often a fifth of the tokens or more.
         at = (mb.loss_mask.reshape(-1) > 0).nonzero().squeeze(1).to(self.device)
         head.request = (mb.targets.to(self.device), kept, self.cfg.logprob_chunk,
-                        self.cfg.temperature if engine_samples else 1.0, at)
+                        self.cfg.temperature if engine_samples else 1.0, at, stats)
         try:
             logp = model(input_ids=mb.input_ids.to(self.device), attention_mask=mb.attention_mask.to(self.device),
                          use_cache=False).logits  # [B, T] via the head
         finally:
             head.request = None
-        stats = {"entropy": head.entropy, "kept_mass": head.kept_mass}
+        out = {"entropy": head.entropy, "kept_mass": head.kept_mass}
         if routed is not None:
             if routing.mode == "capture":
                 routing.own_topk = list(routing.take_captured()[0].long().unbind(1))
-            stats["routing_agreement"] = routing.agreement(routed, mb.loss_mask)
-        return logp, stats
+            out["routing_agreement"] = routing.agreement(routed, mb.loss_mask)
+        return logp, out
 
     @torch.no_grad()
     def logprobs(self, samples: list[Sample]) -> list[list[float]]:
         """The current policy's log-probs of each sample's response tokens (as the loss sees them)."""
         batch = collate(samples, use_sampling_mask=self.cfg.keep_sampling_mask)
         with self._routing(self.routing, batch, True) as routed:
-            logp, _ = self._forward(self.model, self.routing, batch, True, routed)
+            logp, _ = self._forward(self.model, self.routing, batch, True, routed, stats=False)
         _reshard(self.model)
         return [logp[b][batch.loss_mask[b] > 0].tolist() for b in range(len(samples))]
 
@@ -208,7 +208,7 @@ class Learner:
         ratio uses, so it measures how far the weights moved, not router or truncation noise; at step 0
         (reference == policy) it is exactly 0 (tests/rl/test_learner.py)."""
         with self._routing(self.ref_routing, mb, True) as routed:
-            logp = self._forward(self.ref, self.ref_routing, mb, True, routed)[0]
+            logp = self._forward(self.ref, self.ref_routing, mb, True, routed, stats=False)[0]
         _reshard(self.ref)
         return logp
 
@@ -281,7 +281,8 @@ class Learner:
 
     def accumulate_grads(self, samples: list[Sample], plan: "StepPlan", loss: str | None = None) -> dict[str, float]:
         """Forward + backward over this rank's micro-batches; gradients accumulate, no optimiser step.
-        Algorithm-blind: the registered loss says what it needs (reference, engine samples)."""
+        Algorithm-blind: the registered loss says what it needs (reference, engine samples). Returns
+        {metric: [token-weighted sum, tokens]} over the micro-batches (`metric_means` turns it into means)."""
         cfg = self.cfg
         spec = algos.POLICY_LOSSES.get(loss or cfg.loss)
         engine = spec.uses_engine_samples
@@ -323,10 +324,11 @@ class Learner:
             if "routing_agreement" in stats:
                 metrics["routing_agreement"] = stats["routing_agreement"]
             n_tok = float(mask.sum())
-            for k, v in metrics.items():  # token-weighted sums, reduced over micro-batches and ranks
-                sums[k] = sums.get(k, 0.0) + v * n_tok
-            sums["loss"] = sums.get("loss", 0.0) + loss.item()
-            sums["_tokens"] = sums.get("_tokens", 0.0) + n_tok
+            for k, v in metrics.items():  # (token-weighted sum, tokens) per metric, over micro-batches and ranks
+                acc = sums.setdefault(k, [0.0, 0.0])
+                acc[0] += v * n_tok
+                acc[1] += n_tok
+            sums.setdefault("loss", [0.0, 1.0])[0] += loss.item()  # already normalised by the step's totals: a sum
         if cfg.dsa_loss:
             keep_for_loss(self.model, False)
         return sums
@@ -340,20 +342,19 @@ class Learner:
         return [bool(v) for v in t.tolist()]
 
     def _reduce_metrics(self, sums: dict, grad_norm: float) -> dict[str, float]:
+        """Each metric's token-weighted mean over the tokens it was measured on, over all ranks. A metric may
+        be missing on some micro-batches or ranks (kept_mass where no sample has kept sets, routing_agreement
+        where none has routed experts): the ranks reduce the union of their keys, each with its own tokens."""
         keys = sorted(sums)
-        # On the rank's device: an NCCL process group (GPU) has no backend for CPU tensors.
-        t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
         if dist.is_initialized() and self.world_size > 1:
-            # The same keys on every rank, else the sum below mixes metrics or never completes: checked first.
-            sig = torch.tensor([len(keys), zlib.crc32(",".join(keys).encode())], dtype=torch.int64, device=self.device)
-            both = torch.cat([sig, -sig])  # max and -min in one all-reduce
-            dist.all_reduce(both, op=dist.ReduceOp.MAX)
-            if not torch.equal(both[:2], -both[2:]):
-                raise RuntimeError(f"learner rank {self.rank}: the ranks' step metrics differ (this rank has {keys})")
+            every: list = [None] * self.world_size
+            dist.all_gather_object(every, keys)
+            keys = sorted(set().union(*every))
+        # On the rank's device: an NCCL process group (GPU) has no backend for CPU tensors.
+        t = torch.tensor([sums.get(k, [0.0, 0.0]) for k in keys], dtype=torch.float64, device=self.device).reshape(-1, 2)
+        if dist.is_initialized() and self.world_size > 1:
             dist.all_reduce(t)
-        red = dict(zip(keys, t.tolist()))
-        tokens = max(red.pop("_tokens"), 1.0)
-        out = {k: (v if k == "loss" else v / tokens) for k, v in red.items()}
+        out = metric_means(dict(zip(keys, t.tolist())))
         out.update(grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0], skipped=float(not math.isfinite(grad_norm)))
         return out
 
@@ -526,24 +527,25 @@ class ChunkedLogprobHead(torch.nn.Module):
     def __init__(self, linear: torch.nn.Module):
         super().__init__()
         self.weight = linear.weight
-        self.request = None  # (targets [B, T], rl.batch.KeptBatch or None, chunk size, temperature, positions)
+        self.request = None  # (targets [B, T], KeptBatch or None, chunk size, temperature, positions, stats wanted)
         self.entropy = self.kept_mass = None  # [B, T] of the last request (no gradient)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.request is None:
             return torch.nn.functional.linear(hidden, self.weight)
-        targets, kept, chunk, temperature, at = self.request  # at: the flat positions to compute, ascending
+        targets, kept, chunk, temperature, at, stats = self.request  # at: the flat positions to compute, ascending
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, at)
-        logp, ent, mass = algos.token_logprobs(h, self.weight, targets.reshape(-1).index_select(0, at), chunk,
-                                               kept_ids=kept.select(at) if kept is not None else None,
-                                               temperature=temperature, return_stats=True)
+        res = algos.token_logprobs(h, self.weight, targets.reshape(-1).index_select(0, at), chunk,
+                                   kept_ids=kept.select(at) if kept is not None else None,
+                                   temperature=temperature, return_stats=stats)
+        logp, ent, mass = res if stats else (res, None, None)
         # Elsewhere: log-prob 0, entropy 0, kept mass 1 (positions without a loss; never read).
         def spread(x: torch.Tensor, fill: float) -> torch.Tensor:  # a new [B, T] tensor, not a view: FSDP2 hooks the output
             out = x.new_full(targets.shape, fill)
             out.view(-1).index_copy_(0, at, x)
             return out
 
-        self.entropy, self.kept_mass = spread(ent, 0.0), spread(mass, 1.0)
+        self.entropy, self.kept_mass = (spread(ent, 0.0), spread(mass, 1.0)) if stats else (None, None)
         return spread(logp, 0.0)
 
 
@@ -564,6 +566,12 @@ def _set_rng_state(s: dict) -> None:
 class StepPlan:
     totals: algos.StepTotals  # the loss normalisers over all samples of the step (before the split over ranks)
     num_micro: int  # micro-batches every rank runs (the busiest rank's count; FSDP needs equal counts)
+
+
+def metric_means(sums: dict[str, list[float]]) -> dict[str, float]:
+    """{metric: [token-weighted sum, tokens]} -> each metric's mean over its own tokens (loss: its sum, since
+    it is already normalised by the step's totals); metrics measured on no token are left out."""
+    return {k: (v if k == "loss" else v / n) for k, (v, n) in sums.items() if n > 0}
 
 
 def plan_step(samples: list[Sample], world_size: int = 1, micro_batch_size: int = 1) -> StepPlan:

@@ -37,6 +37,48 @@ def _kept_support(logits: torch.Tensor, ids: torch.Tensor, kept, s: int, e: int)
     return sel, k, (k == ids).any(-1)
 
 
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b in place. Every chunk adds a `[V, H]` product to the weight gradient, so a temporary
+    plus an add would move ~3x the gradient's bytes per chunk; bf16 inputs on CUDA accumulate straight into
+    the fp32 gradient in cuBLAS (`out_dtype`), fp32 inputs use `addmm_`."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda and _has_out_dtype_addmm():
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc += (a @ b).to(acc.dtype)
+
+
+_OUT_DTYPE_ADDMM: list[bool] = []
+
+
+def _has_out_dtype_addmm() -> bool:
+    """Whether this torch has CUDA's bf16 -> fp32 `addmm(..., out_dtype=)` (torch >= 2.8), checked once on
+    a small product against the upcast one."""
+    if not _OUT_DTYPE_ADDMM:
+        a, b = torch.randn(64, 32, device="cuda"), torch.randn(32, 48, device="cuda")
+        acc = torch.ones(64, 48, device="cuda")
+        try:
+            torch.addmm(acc, a.bfloat16(), b.bfloat16(), out_dtype=torch.float32, out=acc)
+            ok = torch.allclose(acc, 1 + a.bfloat16().float() @ b.bfloat16().float(), atol=1e-3)
+        except (RuntimeError, TypeError, NotImplementedError):
+            ok = False
+        _OUT_DTYPE_ADDMM.append(ok)
+    return _OUT_DTYPE_ADDMM[0]
+
+
+def _entropy(support: torch.Tensor, lse: torch.Tensor, masked: bool, rows: int = 256) -> torch.Tensor:
+    """H = lse - sum_v p_v * logit_v per row of the support, for logging only. `rows` rows at a time, so the
+    `[rows, V]` probabilities are the only temporary whatever the chunk size (the chunk's logits are large)."""
+    out = torch.empty_like(lse)
+    for i in range(0, support.shape[0], rows):
+        sup, z = support[i:i + rows], lse[i:i + rows]
+        p = (sup - z[:, None]).exp_()
+        finite = sup.nan_to_num(neginf=0.0) if masked else sup  # -inf outside a kept set: p = 0 there
+        out[i:i + rows] = z - torch.bmm(p[:, None, :], finite[:, :, None]).view(-1)  # no [n, V] product
+    return out
+
+
 class _ChunkedTokenLogprobs(torch.autograd.Function):
     """Forward keeps only `[N]` log-probs and the `[N]` log-normalisers; backward recomputes the logits of
     one chunk at a time (and its kept sets) and builds the chunk's gradient in place in that buffer."""
@@ -64,10 +106,8 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             out[s:e] = tok - lse
             if in_set is not None:  # a token outside its kept set could not have been sampled
                 out[s:e].masked_fill_(~in_set, float("-inf"))
-            if want_stats:  # H = lse - sum_v p_v * logit_v over the support, for logging only
-                p = (support - lse[:, None]).exp_()
-                finite = support if kept is None else support.nan_to_num(neginf=0.0)  # -inf outside a set: p = 0
-                ent[s:e] = lse - torch.bmm(p[:, None, :], finite[:, :, None]).view(-1)  # no [n, V] product
+            if want_stats:
+                ent[s:e] = _entropy(support, lse, kept is not None)
                 if full is not None:  # the policy's own mass on the kept set, before renormalising
                     mass[s:e] = (lse - full).exp()
         ctx.save_for_backward(hidden, weight, token_ids, lse_all)
@@ -106,7 +146,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             if need_h:
                 grad_h[s:e] = grad_logits @ weight
             if need_w:
-                grad_w += (grad_logits.T @ h).to(grad_w.dtype)  # bf16 matmul, fp32 accumulation
+                _accumulate(grad_w, grad_logits.T, h)
         return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None, None
 
 
@@ -114,7 +154,7 @@ def token_logprobs(
     hidden: torch.Tensor,  # [B, L, H] (or [N, H]) final hidden states, after the final norm
     lm_head_weight: torch.Tensor,  # [V, H]
     token_ids: torch.Tensor,  # [B, L] (or [N]) the tokens whose log-prob is wanted (already shifted)
-    chunk_size: int = 256,
+    chunk_size: int = 1024,
     *,
     kept_ids=None,  # optional rl.batch.KeptBatch (anything with its `chunk(s, e, device)`) over the B*L positions
     temperature: float = 1.0,

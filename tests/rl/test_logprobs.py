@@ -71,6 +71,24 @@ def test_entropy_matches_full():
     torch.testing.assert_close(ent, -(logq.exp() * logq).sum(-1).detach(), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_entropy_row_slices_equal_one_pass(masked):
+    """The entropy is computed a few rows at a time (bounded temporaries at any chunk size): every slicing,
+    including one that leaves a short last slice, equals -sum p log p over the whole support at once."""
+    from rl.logprobs import _entropy
+
+    g = torch.Generator().manual_seed(5)
+    support = torch.randn(11, 40, generator=g, dtype=torch.float64) * 3
+    if masked:
+        support[torch.rand(11, 40, generator=g) < 0.5] = float("-inf")
+        support[:, 0] = 1.0  # every row keeps at least one token
+    lse = torch.logsumexp(support, -1)
+    logp = (support - lse[:, None]).log_softmax(-1)
+    want = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
+    for rows in (1, 4, 11, 256):
+        torch.testing.assert_close(_entropy(support, lse, masked, rows=rows), want, rtol=1e-12, atol=1e-12)
+
+
 def test_sampling_mask_golden():
     # p proportional to [1, 2, 3, 4]; kept {1, 2} -> p(2) = 3 / (2 + 3), p(1) = 2/5; token 3 outside -> -inf.
     logits = torch.log(torch.tensor([[1.0, 2.0, 3.0, 4.0]] * 3))
@@ -206,8 +224,12 @@ def test_learner_head_at_loss_positions_equals_every_position():
     head.weight = torch.nn.Parameter(w.detach().clone())
     on = torch.rand(ids.shape, generator=torch.Generator().manual_seed(4)) > 0.4
     at = on.reshape(-1).nonzero().squeeze(1)
-    head.request = (ids, None, 4, 0.7, at)
+    head.request = (ids, None, 4, 0.7, at, False)  # the reference's forward: log-probs only
+    no_stats = head(hidden)
+    assert head.entropy is None and head.kept_mass is None
+    head.request = (ids, None, 4, 0.7, at, True)
     out = head(hidden)
+    torch.testing.assert_close(no_stats, out, rtol=0, atol=0)
     full, ent, mass = token_logprobs(hidden, head.weight, ids, 4, temperature=0.7, return_stats=True)
     torch.testing.assert_close(out[on], full[on], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(head.entropy[on], ent[on], rtol=1e-12, atol=1e-12)
