@@ -122,7 +122,12 @@ def run(variant: str, model_dir: str, B: int, P: int, C: int, reps: int, gpu: bo
             f.write(table)
     dt = statistics.median(times)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024) - base
-    return {"tokens_per_s": B * (P + C) / dt, "seconds": dt, "step_s": times, "peak_extra_mb": peak}
+    res = {"tokens_per_s": B * (P + C) / dt, "seconds": dt, "step_s": times, "peak_extra_mb": peak}
+    if gpu and side == "ours":  # which weight-gradient accumulation the head used (rl.logprobs._accumulate)
+        from rl.logprobs import _has_out_dtype_addmm
+
+        res["fp32_out_addmm"] = _has_out_dtype_addmm()
+    return res
 
 
 def main() -> None:
@@ -166,7 +171,8 @@ def main() -> None:
             res[variant] = r = json.loads(out.stdout.strip().splitlines()[-1])
             st = r["step_s"]
             print(f"  {name:10s} {variant:10s}: {r['tokens_per_s']:8.1f} tok/s (step s median {r['seconds']:.3f} [{min(st):.3f}, "
-                  f"{max(st):.3f}] of {len(st)}), peak extra {r['peak_extra_mb']:7.0f} MB", flush=True)
+                  f"{max(st):.3f}] of {len(st)}), peak extra {r['peak_extra_mb']:7.0f} MB"
+                  + (f", bf16->fp32 addmm {r['fp32_out_addmm']}" if "fp32_out_addmm" in r else ""), flush=True)
             side, gc, _ = parse_variant(variant)
             trl = "trl+gc" if gc else "trl"
             if side == "ours" and trl in res:
