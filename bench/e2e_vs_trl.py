@@ -127,9 +127,17 @@ def run_trl(a, work: Path) -> dict:
     try:
         out = work / "trl.json"
         cmd = [sys.executable, __file__, "--trl-worker", str(out), *sys.argv[1:]]
-        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise SystemExit(f"TRL failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
+        log = work / "trl_worker.log"
+        with open(log, "w") as f:
+            worker = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+            while worker.poll() is None:  # the worker would wait for a dead server until its own timeout
+                if server is not None and server.poll() is not None:
+                    worker.kill()
+                    tail = (work / "vllm_serve.log").read_text()[-3000:]
+                    raise SystemExit(f"TRL's vLLM server exited (rc {server.returncode}):\n{tail}")
+                time.sleep(2)
+        if worker.returncode != 0:
+            raise SystemExit(f"TRL failed:\n{log.read_text()[-5000:]}")
         got = json.loads(out.read_text())
         return per_second(got["tokens"], got["seconds"], a.warmup)
     finally:
@@ -153,7 +161,9 @@ def main() -> None:
         trl_worker(a, Path(a.trl_worker))
         return
     work = Path(tempfile.mkdtemp(prefix="bench-e2e-trl-"))
-    res = {"ours": run_ours(a, work / "ours"), "trl": run_trl(a, work)}
+    res = {"ours": run_ours(a, work / "ours")}
+    print(f"ours done: {res['ours']}", flush=True)  # kept in the log if TRL's side fails
+    res["trl"] = run_trl(a, work)
     print(f"{' '.join(sys.argv)}\n{a.steps} steps ({a.warmup} warm-up left out), {a.prompts} prompts x n={a.n}, "
           f"max {a.max_tokens} new tokens")
     for k, r in res.items():

@@ -86,6 +86,11 @@ def run(variant: str, model_dir: str, B: int, P: int, C: int, reps: int, gpu: bo
         trainer = GRPOTrainer(model=model_dir, reward_funcs=[lambda completions, **k: [0.0] * len(completions)],
                               args=args, train_dataset=Dataset.from_list([{"prompt": "x"}] * B))
         model, dev = trainer.model, trainer.accelerator.device
+        model.train()  # as Trainer.train() leaves it (checkpointing only acts in training mode)
+        trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(); the train-mode loss reads it
+        if gc:  # what Trainer.train() does for `gradient_checkpointing`; calling _compute_loss directly skips it
+            kwargs = args.gradient_checkpointing_kwargs or {"use_reentrant": False}
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         inputs = {"prompt_ids": prompt, "prompt_mask": torch.ones_like(prompt), "completion_ids": completion,
                   "completion_mask": torch.ones_like(completion), "advantages": adv, "old_per_token_logps": old,
                   "num_items_in_batch": torch.tensor(float(B * C))}
