@@ -183,15 +183,25 @@ def push(state: dict[str, torch.Tensor], spec: SyncSpec, engines: list, version:
     if sender:
         sender.begin(plan, version)
     for bucket in plan:
-        tensors = []
-        for name, _, _ in bucket:
-            t = state[name]
-            t = t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP2: a collective, every rank
-            tensors.append((name, t.detach().to(dtype)))
+        # FSDP2 shards: cast first (a bf16 gather moves half an fp32 one's bytes), and issue every gather of
+        # the bucket before any result is used (they are async collectives: one waited-for gather per tensor
+        # made world 2 3x slower than world 1 on the 0.85B MoE). A collective: every rank, in the same order.
+        tensors = [(name, _gathered(state[name].detach().to(dtype))) for name, _, _ in bucket]
+        tensors = [(name, t.wait() if hasattr(t, "wait") else t) for name, t in tensors]
         if sender:
             sender.send(tensors)
         del tensors  # gathered copies live one bucket long
     return sender.finish(version) if sender else None
+
+
+def _gathered(t: torch.Tensor) -> torch.Tensor:
+    """The full tensor of a DTensor shard (FSDP2), as an async collective's tensor (`.wait()` it, or it waits on
+    first use); any other tensor as it is."""
+    if not hasattr(t, "full_tensor"):
+        return t
+    from torch.distributed.tensor import Replicate
+
+    return t.redistribute(placements=[Replicate()] * t.device_mesh.ndim, async_op=True).to_local()
 
 
 def pack(bucket: list[tuple[str, torch.Tensor]]) -> list[tuple[str, str, tuple, object]]:
