@@ -48,7 +48,7 @@ class LearnerConfig:
     warmup_steps: int = 0
     grad_clip: float = 1.0
     micro_batch_size: int = 8
-    logprob_chunk: int = 1024  # positions per log-prob chunk: ~0.6 GB of fp32 logits at a 152k vocabulary
+    logprob_chunk: int = 1024  # positions per log-prob chunk: ~1.2-1.6 GB of temporaries at a 152k vocabulary
     param_dtype: str = "float32"  # bfloat16: FSDP2 mixed precision (master weights and reductions stay fp32)
     gradient_checkpointing: bool = False  # recompute each decoder layer in backward (activation memory)
     loss: str = "grpo"  # a POLICY_LOSSES name: grpo | sft
@@ -279,7 +279,7 @@ class Learner:
         `LearnerGroup.apply` (a `fn` that gathers sharded tensors must run on all of them)."""
         return fn(self, *args)
 
-    def accumulate_grads(self, samples: list[Sample], plan: "StepPlan", loss: str | None = None) -> dict[str, float]:
+    def accumulate_grads(self, samples: list[Sample], plan: "StepPlan", loss: str | None = None) -> dict[str, list[float]]:
         """Forward + backward over this rank's micro-batches; gradients accumulate, no optimiser step.
         Algorithm-blind: the registered loss says what it needs (reference, engine samples). Returns
         {metric: [token-weighted sum, tokens]} over the micro-batches (`metric_means` turns it into means)."""
@@ -301,7 +301,7 @@ class Learner:
         want_refs = [False] * len(micro)
         if spec.needs_reference and self.ref is not None:  # the same on every rank: no collective otherwise
             want_refs = self._any_rank([bool((mb.kl_coef != 0).any()) for mb in micro])
-        sums: dict[str, float] = {}
+        sums: dict[str, list[float]] = {}
         for mb, want_ref in zip(micro, want_refs):
             mask = mb.loss_mask.to(self.device)
             kl_coef = mb.kl_coef.to(self.device)
@@ -570,8 +570,8 @@ class StepPlan:
 
 def metric_means(sums: dict[str, list[float]]) -> dict[str, float]:
     """{metric: [token-weighted sum, tokens]} -> each metric's mean over its own tokens (loss: its sum, since
-    it is already normalised by the step's totals); metrics measured on no token are left out."""
-    return {k: (v if k == "loss" else v / n) for k, (v, n) in sums.items() if n > 0}
+    it is already normalised by the step's totals); 0 for a metric whose micro-batches had no loss token."""
+    return {k: (v if k == "loss" else v / n if n > 0 else 0.0) for k, (v, n) in sums.items()}
 
 
 def plan_step(samples: list[Sample], world_size: int = 1, micro_batch_size: int = 1) -> StepPlan:

@@ -53,14 +53,19 @@ _OUT_DTYPE_ADDMM: list[bool] = []
 
 
 def _has_out_dtype_addmm() -> bool:
-    """Whether this torch has CUDA's bf16 -> fp32 `addmm(..., out_dtype=)` (torch >= 2.8), checked once on
-    a small product against the upcast one."""
+    """Whether this torch has CUDA's bf16 -> fp32 `addmm(..., out_dtype=)` (torch >= 2.8; 2.8-2.9 want a bf16
+    accumulator and raise here), checked once on a small product against the upcast one: a transposed operand
+    as in the backward, and an accumulator whose bf16 rounding (~0.5 at 100) the tolerance would catch. A
+    private generator: the probe must not move the run's CUDA random stream (exact resume)."""
     if not _OUT_DTYPE_ADDMM:
-        a, b = torch.randn(64, 32, device="cuda"), torch.randn(32, 48, device="cuda")
-        acc = torch.ones(64, 48, device="cuda")
+        g = torch.Generator("cuda").manual_seed(0)
+        a = torch.randn(32, 64, device="cuda", generator=g).T.bfloat16()
+        b = torch.randn(32, 48, device="cuda", generator=g).bfloat16()
+        acc = 100 * torch.randn(64, 48, device="cuda", generator=g)
+        want = acc + a.float() @ b.float()
         try:
-            torch.addmm(acc, a.bfloat16(), b.bfloat16(), out_dtype=torch.float32, out=acc)
-            ok = torch.allclose(acc, 1 + a.bfloat16().float() @ b.bfloat16().float(), atol=1e-3)
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            ok = torch.allclose(acc, want, rtol=1e-5, atol=1e-3)
         except (RuntimeError, TypeError, NotImplementedError):
             ok = False
         _OUT_DTYPE_ADDMM.append(ok)
