@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -42,6 +43,7 @@ def run_mode(mode: str, steps: int, overrides: list[str]) -> dict:
     steps_rows = [r for r in rows if "train/loss" in r]
     later = steps_rows[1:]  # step 1 includes the first generation and has no overlap yet
     out = {k: statistics.mean(r[k] for r in later) for k in KEYS}
+    out["per_step"] = {k: [r[k] for r in later] for k in KEYS}  # an outlier moves a mean: the medians print too
     out["walls"] = [r["time/step"] for r in later]
     out["wall_per_step"] = statistics.median(out["walls"])
     out["reward_first"], out["reward_last"] = steps_rows[0].get("reward/math/total"), steps_rows[-1].get("reward/math/total")
@@ -63,12 +65,16 @@ def main() -> None:
             print(f"  [{i}] {mode:5s}: {split}  wall/step median [min, max] {spread(r['walls'], '.2f')} s  reward "
                   f"{r['reward_first']:.3f} -> {r['reward_last']:.3f}  max mismatch KL {r['mismatch_kl_max']:.1e}  "
                   f"(whole run {r['total_s']:.0f} s)")
+            print(f"        {mode:5s} per-step median [min, max]: "
+                  + " ".join(f"{k.split('/')[1]}={spread(v, '.2f')}" for k, v in r["per_step"].items()))
         s = res["sync"]
         c, l = s["time/generate"] + s["time/score"], s["time/train"] + s["time/sync"]
         print(f"  [{i}] score share of the sync step {s['time/score'] / (c + l):.1%}; pipeline ceiling (c + l) / max(c, l) = "
               f"{(c + l) / max(c, l):.2f}x with collect c = {c:.2f} s, learn l = {l:.2f} s")
     ratios = [res["sync"]["wall_per_step"] / res["async"]["wall_per_step"] for res in runs]
     print(f"  async speed-up (median wall per step, sync / async) = {spread(ratios, '.2f')}x over {len(ratios)} pair(s)")
+    if os.environ.get("OUT"):  # every step's times, for the next look at where a step goes
+        (Path(os.environ["OUT"]) / "e2e_modes.json").write_text(json.dumps(runs, indent=1))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@
 
 `setup` turns the config into plain components (no Ray yet: every config and data error surfaces first);
 `rl.components` builds the engines and the learner; `Prefetcher` owns the one scheduling decision (sync:
-collect step k+1 after step k's weights reached the engines; async: while step k trains, staleness 1,
-bounded by `trainer.max_staleness`: older samples are dropped and counted); `_loop` is the loop. The run
+collect step k+1 after step k's weights reached the engines; async: while step k is scored and trains,
+staleness 1, bounded by `trainer.max_staleness`: older samples are dropped and counted; generation and
+scoring are separate threads, so the engines never wait for scoring); `_loop` is the loop. The run
 dir's rules (one run at a time, nothing wiped, config.yaml, numbered checkpoints) are `rl.rundir`'s.
 SIGINT/SIGTERM stop the run at the next step boundary with a checkpoint (`Stop`).
 """
@@ -46,17 +47,24 @@ class Batch:
     sources: list  # file:row of each prompt
 
 
-def collect(s: Setup, engines, stream: PromptStream, step: int) -> Batch:
-    """Prompts -> n samples each -> rewards -> advantages (runs in the prefetcher's thread)."""
+def generate(s: Setup, engines, stream: PromptStream, step: int) -> tuple:
+    """Prompts -> n samples each (the engines' stage; the prefetcher's generation thread). The data position
+    is taken here: the next generation may advance the stream before this batch is scored."""
     t0, cfg = time.time(), s.cfg
     prompts = stream.next(cfg.data.prompts_per_step)
+    position = stream.position
     sampling = components.sampling(cfg.rollout, seed=cfg.trainer.seed * 100_003 + step)
     groups, gen = pipeline.generate(engines, prompts, sampling, s.agent)
-    t1, samples = time.time(), pipeline.flat(groups)
+    return prompts, position, groups, {**gen, "time/generate": time.time() - t0}
+
+
+def score(s: Setup, generated: tuple) -> Batch:
+    """Rewards and advantages of one generation (the prefetcher's scoring thread, beside the next generation)."""
+    prompts, position, groups, metrics = generated
+    t0, samples = time.time(), pipeline.flat(groups)
     rew = pipeline.score(samples, s.specs, s.pool, s.tok)
-    adv = pipeline.assign_advantages(groups, cfg.algo.advantage)
-    timing = {"time/generate": t1 - t0, "time/score": time.time() - t1}
-    return Batch(samples, {**gen, **rew, **adv, **timing}, stream.position, [p.source for p in prompts])
+    adv = pipeline.assign_advantages(groups, s.cfg.algo.advantage)
+    return Batch(samples, {**metrics, **rew, **adv, "time/score": time.time() - t0}, position, [p.source for p in prompts])
 
 
 class Stop:
@@ -101,18 +109,22 @@ STOP = Stop()
 
 
 class Prefetcher:
-    """The scheduling of collection, in one place. Sync: step k+1's samples are collected after step k's
+    """The scheduling of collection, in one place. A collection is two stages, each with its own thread:
+    `generate_fn(k)` (the engines) then `finish_fn` on its result (scoring, on the CPU), so the engines start
+    the next generation while this one is scored. Sync: step k+1's samples are generated after step k's
     weights reached the engines (on-policy). Async with staleness bound d (`trainer.max_staleness`): when
-    step k's batch is taken, the collections of steps up to k + d are queued (one runs at a time), so
-    generation never waits for training and a batch is at most d policy versions old (it started no earlier
-    than step k's training, whose weights are version k). Once `stop` has a signal no next collection starts
-    (the loop then stops after this step); one already running is waited for by `close`, queued ones are
-    cancelled, and their samples dropped (the checkpoint's data position is before their prompts, so the
-    resumed run collects them: no prompt is lost or replayed)."""
+    step k's batch is asked for (after the weights of step k - 1 were synced), the collections of steps up
+    to k + d are queued first, so generation never waits for training or scoring, and a batch is at most d
+    policy versions old (its generation starts after version k's sync). Once `stop` has a signal no next
+    collection starts (the loop then stops after this step); one already running is waited for by `close`,
+    queued ones are cancelled, and their samples dropped (the checkpoint's data position is before their
+    prompts, so the resumed run collects them: no prompt is lost or replayed)."""
 
-    def __init__(self, collect_fn, mode: str, steps: int, stop: Stop, depth: int = 1):
-        self.collect_fn, self.mode, self.steps, self.stop, self.depth = collect_fn, mode, steps, stop, depth
-        self.pool = ThreadPoolExecutor(1)
+    def __init__(self, generate_fn, mode: str, steps: int, stop: Stop, depth: int = 1, finish_fn=None):
+        self.generate_fn, self.mode, self.steps, self.stop, self.depth = generate_fn, mode, steps, stop, depth
+        self.finish_fn = finish_fn or (lambda x: x)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="generate")
+        self.finish_pool = ThreadPoolExecutor(1, thread_name_prefix="score")
         self.pending: deque = deque()  # futures of the next steps' batches, in step order
         self.queued = 0  # the next step to queue
 
@@ -123,12 +135,11 @@ class Prefetcher:
     def take(self, step: int) -> Batch | None:
         """Step `step`'s batch; None when a stop signal came before it was queued (only possible for the
         first step: later ones are queued, or not, before the loop checks the signal)."""
+        if self.mode == "async":
+            self._queue_until(step + self.depth)  # before waiting: generates while this batch is scored and trained
         if not self.pending:
             return None
-        batch = self.pending.popleft().result()
-        if self.mode == "async":
-            self._queue_until(step + self.depth)  # generates while this step trains
-        return batch
+        return self.pending.popleft().result()
 
     def weights_synced(self, step: int) -> None:
         if self.mode == "sync":
@@ -136,11 +147,13 @@ class Prefetcher:
 
     def _queue_until(self, last: int) -> None:
         while self.queued <= min(last, self.steps - 1) and self.stop.signum is None:
-            self.pending.append(self.pool.submit(self.collect_fn, self.queued))
+            generated = self.pool.submit(self.generate_fn, self.queued)
+            self.pending.append(self.finish_pool.submit(lambda g=generated: self.finish_fn(g.result())))
             self.queued += 1
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.finish_pool.shutdown(wait=True, cancel_futures=True)
 
 
 def sync_weights(s: Setup, learner, engines, version: int) -> float:
@@ -236,7 +249,8 @@ def _loop(s: Setup, resume: bool, demos: dict):
     with ray_session(cfg.cluster):
         learner, engines = components.actors(cfg, s.model_path, s.kl_coefs)
         first, tracker, stream = start(s, learner, engines, resume, demos)
-        prefetch = Prefetcher(lambda k: collect(s, engines, stream, k), cfg.trainer.mode, steps, STOP, cfg.trainer.max_staleness)
+        prefetch = Prefetcher(lambda k: generate(s, engines, stream, k), cfg.trainer.mode, steps, STOP,
+                              cfg.trainer.max_staleness, finish_fn=lambda g: score(s, g))
         prefetch.start(first)
         nonfinite, t_last, stopping = 0, time.time(), False
         for step in range(first, steps):

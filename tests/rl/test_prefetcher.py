@@ -10,28 +10,33 @@ from rl.train import Prefetcher, Stop
 
 
 def _run(mode: str, depth: int, steps: int = 8):
-    """The loop's calls to the prefetcher, with a fake collection that records the policy version (weights
-    synced so far) and the newest step taken when it starts. "Training" lasts until every queued collection
-    has started (the slowest case for staleness, deterministic)."""
-    state = {"version": 0, "taken": -1}
-    started, lock = {}, threading.Lock()
+    """The loop's calls to the prefetcher, with a fake two-stage collection that records the policy version
+    (weights synced so far) and the newest step asked for when its generation starts, and the scoring stage's
+    thread. "Training" lasts until every queued collection has started (the slowest case for staleness)."""
+    state = {"version": 0, "asked": -1}
+    started, scored_in, lock = {}, set(), threading.Lock()
 
-    def collect(k):
+    def generate(k):
         with lock:
-            started[k] = (state["version"], state["taken"])
+            started[k] = (state["version"], state["asked"])
+        return k
+
+    def score(k):
+        scored_in.add(threading.current_thread().name.split("_")[0])
         return k
 
     stop = Stop()
-    p = Prefetcher(collect, mode, steps, stop, depth)
+    p = Prefetcher(generate, mode, steps, stop, depth, finish_fn=score)
     p.start(0)
     for step in range(steps):
+        state["asked"] = step
         assert p.take(step) == step
-        state["taken"] = step
         while len(started) < p.queued:  # train
             time.sleep(0.001)
         state["version"] = step + 1  # sync
         p.weights_synced(step)
     p.close()
+    assert scored_in == {"score"}  # never in the generation thread: the engines do not wait for scoring
     return started
 
 
@@ -46,7 +51,7 @@ def test_async_runs_ahead_by_at_most_the_staleness_bound(depth):
     assert sorted(started) == list(range(8))
     stale = {k: k - version for k, (version, _) in started.items()}
     assert max(stale.values()) == depth, stale  # collection ran ahead as far as allowed ...
-    assert all(k - taken <= depth for k, (_, taken) in started.items())  # ... and never further
+    assert all(k - asked <= depth for k, (_, asked) in started.items())  # ... and never further
 
 
 def test_a_signal_queues_nothing_more():
