@@ -49,6 +49,7 @@ def run_mode(mode: str, steps: int, overrides: list[str]) -> dict:
     out["reward_first"], out["reward_last"] = steps_rows[0].get("reward/math/total"), steps_rows[-1].get("reward/math/total")
     out["mismatch_kl_max"] = max(r.get("train/mismatch_kl", 0.0) for r in steps_rows)
     out["total_s"] = time.time() - t0
+    out["auto"] = [line for line in res.stdout.splitlines() if line.startswith("auto settings:")]  # e.g. the sync transport
     return out
 
 
@@ -65,6 +66,8 @@ def main() -> None:
             print(f"  [{i}] {mode:5s}: {split}  wall/step median [min, max] {spread(r['walls'], '.2f')} s  reward "
                   f"{r['reward_first']:.3f} -> {r['reward_last']:.3f}  max mismatch KL {r['mismatch_kl_max']:.1e}  "
                   f"(whole run {r['total_s']:.0f} s)")
+            for line in r["auto"]:
+                print(f"        {mode:5s} {line}")
             print(f"        {mode:5s} per-step median [min, max]: "
                   + " ".join(f"{k.split('/')[1]}={spread(v, '.2f')}" for k, v in r["per_step"].items()))
         s = res["sync"]
