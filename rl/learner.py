@@ -73,6 +73,8 @@ class Learner:
 
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        if self.device.type == "cuda":  # Ray shows each rank its own GPU as 0; object collectives use the current one
+            torch.cuda.set_device(self.device)
         self._sync_cache: dict = {}  # a weight-sync transport's state between syncs (the NCCL group)
         if not dist.is_initialized():
             os.environ["MASTER_ADDR"] = master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
