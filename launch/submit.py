@@ -5,6 +5,9 @@
         model=local model.path=/shared/ckpt data.train=/shared/data/train.jsonl trainer.run_dir=/shared/runs/a
     python -m launch.submit --local -- trainer.steps=2     # attach to `ray start --head` on this machine
 
+`--config-dir DIR` (your configs, as for `rl.train`) travels with the job when DIR is inside the packaged
+working directory; a DIR elsewhere needs `--remote-paths` (it must then exist at that path on the cluster).
+
 The config is composed and validated here first (a bad key fails before anything is sent), saved as
 `<run_dir>/submitted_config.yaml` when that directory can be created here, and the job runs
 `python -m rl.train` with the same overrides plus `cluster.address=auto` (the job attaches to the cluster
@@ -78,19 +81,25 @@ def start_head(num_cpus: int | None = None, port: int = 6379, temp_dir: str | No
     return f"127.0.0.1:{port}"  # reachable from this machine (the head listens on all interfaces)
 
 
-def prepare(overrides: list[str], remote_paths: bool = False) -> tuple[list[str], Path | None]:
+def prepare(overrides: list[str], remote_paths: bool = False, local: bool = False) -> tuple[list[str], Path | None]:
     """Validate the composed config and save it; return the job's rl.train arguments and where the config
-    was saved (None when the run dir, a cluster path, cannot be created here)."""
+    was saved (None when the run dir, a cluster path, cannot be created here). `local`: the driver runs in
+    this process (`--local`), so a --config-dir stays a path of this machine."""
     from rl.config import compose, to_schema
 
-    config_name, rest = "config", list(overrides)
-    if "--config-name" in rest:
-        i = rest.index("--config-name")
-        config_name = rest[i + 1]
-        del rest[i : i + 2]
+    config_name, config_dir, rest = "config", None, list(overrides)
+    for flag in ("--config-name", "--config-dir"):
+        if flag in rest:
+            i = rest.index(flag)
+            if flag == "--config-name":
+                config_name = rest[i + 1]
+            else:
+                config_dir = rest[i + 1]
+            del rest[i : i + 2]
     if not any(o.startswith("cluster.address=") for o in rest):
         rest.append("cluster.address=auto")  # the job attaches to the cluster it runs on
-    raw = compose(rest, config_name)
+    raw = compose(rest, config_name, config_dir)
+    job_dir = None if not config_dir else str(Path(config_dir).resolve()) if local else _job_config_dir(config_dir, remote_paths)
     cfg = to_schema(_local_stand_ins(raw) if remote_paths else raw)
     saved = Path(cfg.trainer.run_dir) / "submitted_config.yaml"
     try:
@@ -101,7 +110,20 @@ def prepare(overrides: list[str], remote_paths: bool = False) -> tuple[list[str]
             raise
         print(f"note: trainer.run_dir={saved.parent} cannot be created here ({exc.strerror}); the config is not saved locally")
         saved = None
-    return ["--config-name", config_name, *rest], saved
+    return ["--config-name", config_name, *(["--config-dir", job_dir] if job_dir else []), *rest], saved
+
+
+def _job_config_dir(config_dir: str, remote_paths: bool) -> str:
+    """The job's --config-dir: relative to the packaged working directory when the folder is inside it (the
+    job runs there); as given with --remote-paths (the user says it exists on the cluster); otherwise the job
+    could not see it, which fails here rather than on the cluster."""
+    local = Path(config_dir).resolve()
+    if local.is_relative_to(ROOT):
+        return str(local.relative_to(ROOT))
+    if remote_paths:
+        return config_dir
+    raise SystemExit(f"--config-dir {config_dir}: outside the working directory that is packaged for the job ({ROOT}), "
+                     "so the job could not read it; move it inside, or pass --remote-paths if it exists on the cluster")
 
 
 def _local_stand_ins(raw):
@@ -196,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait", action="store_true", help="wait for the job, print its logs, exit 1 if it failed")
     p.add_argument("train_args", nargs="*", help="after --: rl.train arguments and overrides")
     a = p.parse_args(argv)
-    args, saved = prepare(a.train_args, a.remote_paths)
+    args, saved = prepare(a.train_args, a.remote_paths, local=a.local)
     print("config validated" + (f" and saved to {saved}" if saved else ""))
     if a.local:
         from rl.train import main as train

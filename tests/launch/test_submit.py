@@ -96,6 +96,23 @@ def test_remote_paths_skip_only_the_local_existence_checks(tmp_path):
         prepare([*args, "algo.clip_eps=0"], remote_paths=True)
 
 
+def test_config_dir_reaches_the_job_only_where_it_can_read_it(tmp_path):
+    """--config-dir: inside the packaged working directory the job gets it relative to that directory; outside
+    it, an error here (the job could not read it), unless --remote-paths says it exists on the cluster;
+    with --local (the driver runs here) it stays this machine's path."""
+    from launch.submit import prepare
+
+    run = f"trainer.run_dir={tmp_path / 'run'}"
+    args, _ = prepare(["--config-dir", str(ROOT / "configs"), "--config-name", "quickstart", run])
+    assert args[:4] == ["--config-name", "quickstart", "--config-dir", "configs"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    with pytest.raises(SystemExit, match="--config-dir .*outside the working directory that is packaged for the job"):
+        prepare(["--config-dir", str(mine), run])
+    assert prepare(["--config-dir", str(mine), run], remote_paths=True)[0][:4] == ["--config-name", "config", "--config-dir", str(mine)]
+    assert prepare(["--config-dir", str(mine), run], local=True)[0][2:4] == ["--config-dir", str(mine.resolve())]
+
+
 @pytest.mark.slow
 def test_submit_through_the_jobs_api(tmp_path, monkeypatch):
     """End to end against `ray start --head` with the Jobs API: the job runs rl.train on the "cluster",
