@@ -85,21 +85,16 @@ def prepare(overrides: list[str], remote_paths: bool = False, local: bool = Fals
     """Validate the composed config and save it; return the job's rl.train arguments and where the config
     was saved (None when the run dir, a cluster path, cannot be created here). `local`: the driver runs in
     this process (`--local`), so a --config-dir stays a path of this machine."""
-    from rl.config import compose, to_schema
+    from rl.config import cli_parser, compose, to_schema
 
-    config_name, config_dir, rest = "config", None, list(overrides)
-    for flag in ("--config-name", "--config-dir"):
-        if flag in rest:
-            i = rest.index(flag)
-            if flag == "--config-name":
-                config_name = rest[i + 1]
-            else:
-                config_dir = rest[i + 1]
-            del rest[i : i + 2]
+    a = cli_parser("rl.train's arguments", list(overrides)).parse_args(list(overrides))  # rl.train's own command line
+    if a.cfg:
+        raise SystemExit("--cfg job: print the composed config here with `python -m rl.train --cfg job ...`; a job has no terminal")
+    config_name, rest = a.config_name, list(a.overrides)
     if not any(o.startswith("cluster.address=") for o in rest):
         rest.append("cluster.address=auto")  # the job attaches to the cluster it runs on
-    raw = compose(rest, config_name, config_dir)
-    job_dir = None if not config_dir else str(Path(config_dir).resolve()) if local else _job_config_dir(config_dir, remote_paths)
+    raw = compose(rest, config_name, a.config_dir)
+    job_dir = _job_config_dir(a.config_dir, remote_paths, local) if a.config_dir else None
     cfg = to_schema(_local_stand_ins(raw) if remote_paths else raw)
     saved = Path(cfg.trainer.run_dir) / "submitted_config.yaml"
     try:
@@ -113,13 +108,16 @@ def prepare(overrides: list[str], remote_paths: bool = False, local: bool = Fals
     return ["--config-name", config_name, *(["--config-dir", job_dir] if job_dir else []), *rest], saved
 
 
-def _job_config_dir(config_dir: str, remote_paths: bool) -> str:
-    """The job's --config-dir: relative to the packaged working directory when the folder is inside it (the
-    job runs there); as given with --remote-paths (the user says it exists on the cluster); otherwise the job
-    could not see it, which fails here rather than on the cluster."""
-    local = Path(config_dir).resolve()
-    if local.is_relative_to(ROOT):
-        return str(local.relative_to(ROOT))
+def _job_config_dir(config_dir: str, remote_paths: bool, local: bool) -> str:
+    """The job's --config-dir: this machine's path with --local (the driver runs here); relative to the
+    packaged working directory when the folder is inside it (the job runs there); as given with
+    --remote-paths (the user says it exists on the cluster); otherwise the job could not see it, which fails
+    here rather than on the cluster."""
+    here = Path(config_dir).resolve()
+    if local:
+        return str(here)
+    if here.is_relative_to(ROOT):
+        return str(here.relative_to(ROOT))
     if remote_paths:
         return config_dir
     raise SystemExit(f"--config-dir {config_dir}: outside the working directory that is packaged for the job ({ROOT}), "

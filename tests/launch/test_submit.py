@@ -111,6 +111,8 @@ def test_config_dir_reaches_the_job_only_where_it_can_read_it(tmp_path):
         prepare(["--config-dir", str(mine), run])
     assert prepare(["--config-dir", str(mine), run], remote_paths=True)[0][:4] == ["--config-name", "config", "--config-dir", str(mine)]
     assert prepare(["--config-dir", str(mine), run], local=True)[0][2:4] == ["--config-dir", str(mine.resolve())]
+    with pytest.raises(SystemExit, match="--cfg job: print the composed config here"):  # not dropped: refused
+        prepare(["--cfg", "job", run])
 
 
 @pytest.mark.slow
