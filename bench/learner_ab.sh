@@ -17,14 +17,14 @@ for _ in 1 2 3 4 5; do
     (cd "$t" && PYTHONPATH=$t RAY_ADDRESS= "$py" bench/learner_vs_trl.py --one ours "$work/model" $args 2>/dev/null | tail -1 | sed "s|^|$t |")
   done
 done > "$work/runs"
-"$py" - "$work/runs" "$work/rev" "$rev" <<'PY'
+PYTHONPATH=$root/bench "$py" - "$work/runs" "$work/rev" "$rev" <<'PY'
 import json, statistics as st, sys
+from benchstats import spread
 rows = [line.split(" ", 1) for line in open(sys.argv[1])]
 old = [json.loads(r) for t, r in rows if t == sys.argv[2]]
 new = [json.loads(r) for t, r in rows if t != sys.argv[2]]
 ratio = [a["seconds"] / b["seconds"] for a, b in zip(old, new)]
-f = lambda v: f"{st.median(v):.3f} [{min(v):.3f}, {max(v):.3f}]"
-print(f"step s {sys.argv[3]}: {f([r['seconds'] for r in old])}; this tree: {f([r['seconds'] for r in new])}")
-print(f"speed-up (REV / this tree), median [min, max] of {len(ratio)} interleaved reps: {f(ratio)}")
+print(f"step s {sys.argv[3]}: {spread([r['seconds'] for r in old])}; this tree: {spread([r['seconds'] for r in new])}")
+print(f"speed-up (REV / this tree), median [min, max] of {len(ratio)} interleaved reps: {spread(ratio)}")
 print(f"peak extra MB {sys.argv[3]}: {st.median(r['peak_extra_mb'] for r in old):.0f}; this tree: {st.median(r['peak_extra_mb'] for r in new):.0f}")
 PY

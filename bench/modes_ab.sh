@@ -17,8 +17,9 @@ for i in 1 2 3 4 5; do
     echo "$t $run/metrics.jsonl"
   done
 done > "$work/runs"
-"$py" - "$work/runs" "$work/rev" "$rev" <<'PY'
+PYTHONPATH=$root/bench "$py" - "$work/runs" "$work/rev" "$rev" <<'PY'
 import json, statistics as st, sys
+from benchstats import spread
 def wall(path):
     rows = [json.loads(line) for line in open(path)]
     return st.median(r["time/step"] for r in [r for r in rows if "train/loss" in r][1:])
@@ -26,7 +27,6 @@ rows = [line.split() for line in open(sys.argv[1])]
 old = [wall(p) for t, p in rows if t == sys.argv[2]]
 new = [wall(p) for t, p in rows if t != sys.argv[2]]
 ratio = [a / b for a, b in zip(old, new)]
-f = lambda v: f"{st.median(v):.3f} [{min(v):.3f}, {max(v):.3f}]"
-print(f"median wall per step, s: {sys.argv[3]}: {f(old)}; this tree: {f(new)}")
-print(f"speed-up (REV / this tree), median [min, max] of {len(ratio)} interleaved runs: {f(ratio)}")
+print(f"median wall per step, s: {sys.argv[3]}: {spread(old)}; this tree: {spread(new)}")
+print(f"speed-up (REV / this tree), median [min, max] of {len(ratio)} interleaved runs: {spread(ratio)}")
 PY

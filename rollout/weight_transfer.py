@@ -184,8 +184,8 @@ def push(state: dict[str, torch.Tensor], spec: SyncSpec, engines: list, version:
         sender.begin(plan, version)
     for bucket in plan:
         # FSDP2 shards: cast first (a bf16 gather moves half an fp32 one's bytes), and issue every gather of
-        # the bucket before any result is used (they are async collectives: one waited-for gather per tensor
-        # made world 2 3x slower than world 1 on the 0.85B MoE). A collective: every rank, in the same order.
+        # the bucket before any result is used (async collectives; with one waited-for fp32 gather per tensor,
+        # world 2 synced the 0.85B MoE 3x slower than world 1). A collective: every rank, in the same order.
         tensors = [(name, _gathered(state[name].detach().to(dtype))) for name, _, _ in bucket]
         tensors = [(name, t.wait() if hasattr(t, "wait") else t) for name, t in tensors]
         if sender:
