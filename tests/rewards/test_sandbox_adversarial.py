@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -487,9 +488,19 @@ def test_the_cheats_fail_without_root_too():
     cases = {"right": (RIGHT, TESTS), "wrong": (WRONG, TESTS), "search": (SEARCH, ["assert secret() == 918273645"])}
     cases.update({f"exit: {k}": (v, TESTS) for k, v in EARLY_EXITS.items() if "hang" not in k and "sleep" not in k})
     cases.update({f"equal: {k}": (v + "def square(x):\n    return A()\n", TESTS) for k, v in ALWAYS_EQUAL.items()})
-    res = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "/usr/bin/python3", "-c",
-                          NON_ROOT, str(Path(__file__).parents[2])], input=json.dumps(cases), capture_output=True,
-                         text=True, timeout=120, cwd="/")
+    # The unprivileged user imports `rewards` from a world-readable copy: the checkout may sit in a 0700 dir
+    # (`mktemp -d`), which that user cannot enter.
+    code = Path(tempfile.mkdtemp(prefix="sandbox-nonroot-"))
+    try:
+        shutil.copytree(Path(__file__).parents[2] / "rewards", code / "rewards", ignore=shutil.ignore_patterns("__pycache__"))
+        for d, _, files in os.walk(code):
+            os.chmod(d, 0o755)
+            for f in files:
+                os.chmod(os.path.join(d, f), 0o644)
+        res = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "/usr/bin/python3", "-c",
+                              NON_ROOT, str(code)], input=json.dumps(cases), capture_output=True, text=True, timeout=120, cwd="/")
+    finally:
+        shutil.rmtree(code, ignore_errors=True)
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)
     assert out.pop("isolation") == "namespaces"
