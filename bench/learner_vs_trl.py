@@ -50,26 +50,28 @@ def _batch(B: int, P: int, C: int, vocab: int):
     return prompt, completion, old, adv
 
 
-def parse_variant(spec: str) -> tuple[str, bool, int | None]:
-    """`ours`, `trl+gc` (gradient checkpointing), `ours@1024` (log-prob chunk): (side, checkpointing, chunk)."""
+def parse_variant(spec: str) -> tuple[str, bool, int | None, bool]:
+    """`ours`, `trl+gc` (gradient checkpointing), `ours+compile` (trainer.compile), `ours+gc+compile@256` (log-prob
+    chunk): (side, checkpointing, chunk, compile)."""
     spec, _, chunk = spec.partition("@")
-    side, _, gc = spec.partition("+")
-    if side not in ("ours", "trl") or gc not in ("", "gc") or (chunk and side != "ours"):
-        raise SystemExit(f"--variants: bad variant {spec!r} (ours | trl, then +gc, then @CHUNK for ours)")
-    return side, gc == "gc", int(chunk) if chunk else None
+    side, *flags = spec.split("+")
+    bad = side not in ("ours", "trl") or set(flags) - {"gc", "compile"} or len(set(flags)) < len(flags)
+    if bad or (side == "trl" and (chunk or "compile" in flags)):
+        raise SystemExit(f"--variants: bad variant {spec!r} (ours | trl, then +gc, then for ours +compile and @CHUNK)")
+    return side, "gc" in flags, int(chunk) if chunk else None, "compile" in flags
 
 
 def run(variant: str, model_dir: str, B: int, P: int, C: int, reps: int, gpu: bool = False) -> dict:
     import torch
 
-    side, gc, chunk = parse_variant(variant)
+    side, gc, chunk, compiled = parse_variant(variant)
     vocab = json.load(open(os.path.join(model_dir, "config.json")))["vocab_size"]
     prompt, completion, old, adv = _batch(B, P, C, vocab)
     if side == "ours":
         from rl.learner import Learner, LearnerConfig, plan_step
         from rollout.sample import Sample, Status
 
-        learner = Learner(LearnerConfig(model=model_dir, micro_batch_size=B, keep_routing=False, gradient_checkpointing=gc,
+        learner = Learner(LearnerConfig(model=model_dir, micro_batch_size=B, keep_routing=False, gradient_checkpointing=gc, compile=compiled,
                                         param_dtype="bfloat16" if gpu else "float32",
                                         **({"logprob_chunk": chunk} if chunk else {})))
         samples = [Sample(prompt_ids=prompt[b].tolist(), response_ids=completion[b].tolist(), logprobs=old[b].tolist(),
@@ -145,7 +147,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1, help="TRL and ours processes alternated this many times each")
     p.add_argument("--variants", default="trl,ours",
                    help="processes per round, in order: ours | trl, +gc for gradient checkpointing (TRL's own default is "
-                        "on), @N for our log-prob chunk; each ours variant is compared with the last trl variant of "
+                        "on), +compile for ours' trainer.compile, @N for our log-prob chunk; each ours variant is compared with the last trl variant of "
                         "the same checkpointing, e.g. trl,ours,trl+gc,ours+gc,ours@256")
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the tiny tokenizer's 1,030); "
@@ -178,7 +180,7 @@ def main() -> None:
             print(f"  {name:10s} {variant:10s}: {r['tokens_per_s']:8.1f} tok/s (step s median {spread(st)} of {len(st)}), "
                   f"peak extra {r['peak_extra_mb']:7.0f} MB"
                   + (f", bf16->fp32 addmm {r['fp32_out_addmm']}" if "fp32_out_addmm" in r else ""), flush=True)
-            side, gc, _ = parse_variant(variant)
+            side, gc, _, _ = parse_variant(variant)
             trl = "trl+gc" if gc else "trl"  # the baseline: TRL with the same checkpointing
             if side == "ours" and trl in res:
                 ratios.setdefault((variant, trl), []).append((r["tokens_per_s"] / res[trl]["tokens_per_s"],

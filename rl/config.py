@@ -131,6 +131,7 @@ class TrainerConfig:
     logprob_chunk: int = 1024  # positions per chunk of the log-prob head (~1.2-1.6 GB of temporaries at a 152k vocabulary)
     param_dtype: str = "auto"  # float32 | bfloat16 (FSDP2 mixed precision, fp32 master weights) | auto
     gradient_checkpointing: bool = False  # recompute decoder layers in backward (less activation memory)
+    compile: bool = False  # torch.compile each decoder layer (fused norms/rotary/activations; compiles at the first steps)
     world_size: int = 1  # learner ranks (processes)
     learner_cpus: float = 1.0
     learner_gpus: Optional[float] = None  # GPUs per learner rank; None: 1 on a GPU machine (0.5 with one GPU), else 0

@@ -210,6 +210,27 @@ def test_gradient_checkpointing_replays_the_same_experts_in_backward(tiny_moe, m
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7, msg=k)
 
 
+def test_compiled_layers_give_the_eager_gradients(tiny_moe, moe_samples):
+    """`compile`: every decoder layer under torch.compile, the engine's experts replayed through the patched
+    routers and its kept sets applied; gradients and metrics equal the eager learner's (fp32), over two
+    batch shapes (the second one recompiles with dynamic shapes)."""
+    forced = _forced_routing(moe_samples[:6], seed=1)
+    runs = []
+    for compiled in (False, True):
+        lrn = Learner(LearnerConfig(model=tiny_moe, temperature=SAMPLING.temperature, compile=compiled))
+        for batch in (forced[:4], forced[4:]):
+            metrics = lrn.accumulate_grads(batch, plan_step(batch, 1, 8))
+        runs.append((full_grads(lrn), metric_means(metrics)))
+        torch._dynamo.reset()
+    (eager, m_eager), (comp, m_comp) = runs
+    assert eager.keys() == comp.keys() and m_eager.keys() == m_comp.keys()
+    for k in eager:
+        torch.testing.assert_close(comp[k], eager[k], rtol=1e-4, atol=1e-6, msg=k)
+    for k in m_eager:
+        assert m_comp[k] == pytest.approx(m_eager[k], rel=1e-4, abs=1e-6), k
+    assert m_eager["routing_agreement"] < 0.5  # forced experts the routers disagree with: the replay won in both
+
+
 def test_meta_device_bf16_load_equals_the_checkpoint(tiny_moe, moe_samples):
     """bf16 mixed precision shards a model built on the meta device and filled from rank 0: the fp32
     master weights equal the checkpoint's and the log-probs match the fp32 learner to bf16 precision
