@@ -71,8 +71,8 @@ def run(variant: str, model_dir: str, B: int, P: int, C: int, reps: int, gpu: bo
         from rl.learner import Learner, LearnerConfig, plan_step
         from rollout.sample import Sample, Status
 
-        learner = Learner(LearnerConfig(model=model_dir, micro_batch_size=B, keep_routing=False, gradient_checkpointing=gc, compile=compiled,
-                                        param_dtype="bfloat16" if gpu else "float32",
+        learner = Learner(LearnerConfig(model=model_dir, micro_batch_size=B, keep_routing=False, gradient_checkpointing=gc,
+                                        compile=compiled, param_dtype="bfloat16" if gpu else "float32",
                                         **({"logprob_chunk": chunk} if chunk else {})))
         samples = [Sample(prompt_ids=prompt[b].tolist(), response_ids=completion[b].tolist(), logprobs=old[b].tolist(),
                           loss_mask=[1] * C, status=Status.COMPLETED, advantage=float(adv[b])) for b in range(B)]
@@ -147,8 +147,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1, help="TRL and ours processes alternated this many times each")
     p.add_argument("--variants", default="trl,ours",
                    help="processes per round, in order: ours | trl, +gc for gradient checkpointing (TRL's own default is "
-                        "on), +compile for ours' trainer.compile, @N for our log-prob chunk; each ours variant is compared with the last trl variant of "
-                        "the same checkpointing, e.g. trl,ours,trl+gc,ours+gc,ours@256")
+                        "on), +compile for our trainer.compile, @N for our log-prob chunk; each ours variant is compared "
+                        "with the last trl variant of the same checkpointing, e.g. trl,ours,trl+gc,ours+gc,ours+compile")
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the tiny tokenizer's 1,030); "
                    "151936 is Qwen3's, where the chunked head matters")
