@@ -8,7 +8,7 @@
 #   bash bench/gpu_session.sh trl                  # learner vs TRL at Qwen3's vocabulary
 #   bash bench/gpu_session.sh e2e_trl              # the whole loop vs TRL's GRPOTrainer + vLLM server
 #   bash bench/gpu_session.sh modes                # async vs sync through rl.train (bench/e2e_modes.py)
-# Extra arguments per stage: SYNC_ARGS, DRIVER_ARGS, MODES_ARGS, ABL_ARGS, FAULT_ARGS; limits: T_<STAGE>.
+# Extra arguments per stage: SYNC_ARGS, ROLLOUT_ARGS, DRIVER_ARGS, MODES_ARGS, ABL_ARGS, FAULT_ARGS; limits: T_<STAGE>.
 set -u
 export PYTHONPATH=/tmp/site:$PWD $(cat /tmp/site/.env 2>/dev/null)
 export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_ALLOW_INSECURE_SERIALIZATION=1
@@ -31,7 +31,7 @@ for s in "$@"; do
         trainer.run_dir=runs/gpu_tensor_sync ${DRIVER_ARGS:-}
       cp runs/gpu_tensor_sync/metrics.jsonl "$out/driver_metrics.jsonl" 2>/dev/null ;;
     rollout) CUDA_VISIBLE_DEVICES=0 stage rollout "${T_ROLLOUT:-240}" python3 bench/rollout_throughput.py --prompts 128 --n 8 \
-               --max-tokens 128 --reps 5 rollout.gpu_memory_utilization=0.4 ;;
+               --max-tokens 128 --reps 5 rollout.gpu_memory_utilization=0.4 ${ROLLOUT_ARGS:-} ;;
     ablations) stage ablations "${T_ABL:-540}" python3 bench/ablations.py ${ABL_ARGS:-} --out "$out" & ;;
     faults) stage faults "${T_FAULTS:-540}" python3 bench/gpu_faults.py ${FAULT_ARGS:-} & ;;
     trl) BENCH_PROFILE=$out CUDA_VISIBLE_DEVICES=0 stage trl "${T_TRL:-400}" python3 bench/learner_vs_trl.py --gpu --models dense0.4b,moe0.85b \

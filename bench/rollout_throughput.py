@@ -68,7 +68,8 @@ def main() -> None:
     cfg = load_config(["rollout=vllm", "model=tiny_dense", f"rollout.n={a.n}", f"rollout.max_tokens={a.max_tokens}",
                        "rollout.max_model_len=512", "rollout.top_p=1.0", *a.overrides])
     gpus = __import__("torch").cuda.device_count()  # load_config resolved the 'auto' settings for them
-    model = str(build_tiny_model(cfg.model.tiny, tempfile.mkdtemp(prefix="bench-rollout-"), seed=0, dtype=cfg.rollout.dtype))
+    model = str(build_tiny_model(cfg.model.tiny, tempfile.mkdtemp(prefix="bench-rollout-"), seed=0, dtype=cfg.rollout.dtype,
+                                 **cfg.model.tiny_overrides))
     ps = prompts(a.prompts)
     sp = dataclasses.replace(components.sampling(cfg.rollout, seed=0), ignore_eos=True)
     llm = raw_llm(components.engine_config(cfg.rollout, model))
@@ -85,7 +86,7 @@ def main() -> None:
     ray.shutdown()
     ratios = [o / r for o, r in zip(rates["ours"], rates["raw"])]
     where = __import__("torch").cuda.get_device_name(0) if gpus else "CPU"
-    print(f"tiny {cfg.model.tiny}, {a.prompts} prompts x n={a.n}, {a.max_tokens} new tokens, {cfg.rollout.dtype}, "
+    print(f"tiny {cfg.model.tiny} {dict(cfg.model.tiny_overrides) or ''}, {a.prompts} prompts x n={a.n}, {a.max_tokens} new tokens, {cfg.rollout.dtype}, "
           f"enforce_eager={cfg.rollout.enforce_eager}, {where}")
     for mode, v in rates.items():
         print(f"{mode:5s} tok/s median {spread(v, ',.0f')}")
