@@ -43,7 +43,8 @@ def run_mode(mode: str, steps: int, overrides: list[str]) -> dict:
     steps_rows = [r for r in rows if "train/loss" in r]
     later = steps_rows[1:]  # step 1 includes the first generation and has no overlap yet
     out = {k: statistics.mean(r[k] for r in later) for k in KEYS}
-    out["per_step"] = {k: [r[k] for r in later] for k in KEYS}  # an outlier moves a mean: the medians print too
+    parts = sorted(k for k in later[0] if k.startswith("time/sync_"))  # the sync's split (rl.train.sync_weights)
+    out["per_step"] = {k: [r[k] for r in later] for k in (*KEYS, *parts)}  # an outlier moves a mean: medians print too
     out["walls"] = [r["time/step"] for r in later]
     out["wall_per_step"] = statistics.median(out["walls"])
     out["reward_first"], out["reward_last"] = steps_rows[0].get("reward/math/total"), steps_rows[-1].get("reward/math/total")

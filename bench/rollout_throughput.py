@@ -86,7 +86,8 @@ def main() -> None:
     ray.shutdown()
     ratios = [o / r for o, r in zip(rates["ours"], rates["raw"])]
     where = __import__("torch").cuda.get_device_name(0) if gpus else "CPU"
-    print(f"tiny {cfg.model.tiny} {dict(cfg.model.tiny_overrides) or ''}, {a.prompts} prompts x n={a.n}, {a.max_tokens} new tokens, {cfg.rollout.dtype}, "
+    print(f"tiny {cfg.model.tiny} {dict(cfg.model.tiny_overrides) or ''}, {a.prompts} prompts x n={a.n}, "
+          f"{a.max_tokens} new tokens, {cfg.rollout.dtype}, "
           f"enforce_eager={cfg.rollout.enforce_eager}, {where}")
     for mode, v in rates.items():
         print(f"{mode:5s} tok/s median {spread(v, ',.0f')}")

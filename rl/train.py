@@ -156,12 +156,14 @@ class Prefetcher:
         self.finish_pool.shutdown(wait=True, cancel_futures=True)
 
 
-def sync_weights(s: Setup, learner, engines, version: int) -> float:
+def sync_weights(s: Setup, learner, engines, version: int) -> dict[str, float]:
     """Learner weights -> every engine through `trainer.weight_sync` (rl.components.weight_sync: tensors over
-    NCCL, CUDA IPC or Ray's object store, or a checkpoint in the run dir); versions are checked (StaleWeightsError)."""
+    NCCL, CUDA IPC or Ray's object store, or a checkpoint in the run dir); versions are checked (StaleWeightsError).
+    Returns `time/sync` and its parts (`time/sync_<part>`, `WeightSync.sync`): `call` is the rest of the learner
+    call (Ray, and waiting for an engine that is still generating)."""
     t0 = time.time()
-    components.weight_sync(s.cfg, learner, engines, s.dir).sync(version)
-    return time.time() - t0
+    parts = components.weight_sync(s.cfg, learner, engines, s.dir).sync(version)
+    return {"time/sync": time.time() - t0, **{f"time/sync_{k}": v for k, v in parts.items()}}
 
 
 def train(learner, batch: Batch, step: int, cfg: Config) -> dict:
@@ -259,7 +261,7 @@ def _loop(s: Setup, resume: bool, demos: dict):
                 stopping = stop_before(s, learner, step, stream)
                 break
             row = {**batch.metrics, **train(learner, batch, step, cfg)}
-            row["time/sync"] = sync_weights(s, learner, engines, version=step + 1)
+            row.update(sync_weights(s, learner, engines, version=step + 1))
             prefetch.weights_synced(step)
             nonfinite = check_budgets(batch, row, cfg, nonfinite)
             row["time/step"], t_last = time.time() - t_last, time.time()  # wall between rows (async overlap shows)

@@ -40,8 +40,10 @@ from __future__ import annotations
 
 import math
 import re
+import time
 import warnings
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import torch
@@ -70,6 +72,7 @@ class Pushed:
 
     versions: list[int | None]  # None: the engine died during the sync (the manager restarts and restores it)
     refs: list | None = None
+    seconds: dict = field(default_factory=dict)  # rank 0's time in "gather" (casts + FSDP gathers) and "send"
 
 
 class SyncLost(RuntimeError):
@@ -180,18 +183,37 @@ def push(state: dict[str, torch.Tensor], spec: SyncSpec, engines: list, version:
     dtype = getattr(torch, spec.dtype)
     plan = plan_buckets([(n, tuple(t.shape), spec.dtype) for n, t in state.items()], spec.bucket_mb << 20)
     sender = SENDERS.get(spec.transport)(engines, {} if cache is None else cache) if send else None
+    clock = {"gather": 0.0, "send": 0.0}
     if sender:
-        sender.begin(plan, version)
+        with _timed(clock, "send"):
+            sender.begin(plan, version)
     for bucket in plan:
         # FSDP2 shards: cast first (a bf16 gather moves half an fp32 one's bytes), and issue every gather of
         # the bucket before any result is used (async collectives; with one waited-for fp32 gather per tensor,
         # world 2 synced the 0.85B MoE 3x slower than world 1). A collective: every rank, in the same order.
-        tensors = [(name, _gathered(state[name].detach().to(dtype))) for name, _, _ in bucket]
-        tensors = [(name, t.wait() if hasattr(t, "wait") else t) for name, t in tensors]
+        with _timed(clock, "gather"):
+            tensors = [(name, _gathered(state[name].detach().to(dtype))) for name, _, _ in bucket]
+            tensors = [(name, t.wait() if hasattr(t, "wait") else t) for name, t in tensors]
         if sender:
-            sender.send(tensors)
+            with _timed(clock, "send"):
+                sender.send(tensors)
         del tensors  # gathered copies live one bucket long
-    return sender.finish(version) if sender else None
+    if not sender:
+        return None
+    with _timed(clock, "send"):
+        pushed = sender.finish(version)
+    pushed.seconds = clock
+    return pushed
+
+
+@contextmanager
+def _timed(clock: dict, key: str):
+    """Adds the block's wall time to clock[key]; on GPU after the queued work is done (`push`'s split of a sync)."""
+    t0 = time.perf_counter()
+    yield
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.current_stream().synchronize()
+    clock[key] += time.perf_counter() - t0
 
 
 def _gathered(t: torch.Tensor) -> torch.Tensor:
@@ -491,13 +513,20 @@ class WeightSync:
     def transport(self) -> str:
         return self.spec.transport
 
-    def sync(self, version: int) -> None:
+    def sync(self, version: int) -> dict[str, float]:
+        """Returns where the sync's time went, in seconds: `gather` and `send` on learner rank 0 (`push`),
+        `engines` for the manager's bookkeeping after it (restarting an engine that died counts here); the
+        checkpoint transport: `export` and `load`."""
+        t0 = time.perf_counter()
         if self.transport == "checkpoint":
             path = self.learner.export_hf(self.checkpoint_dir, self.spec.bucket_mb, version=version)
+            t1 = time.perf_counter()
             self.engines.update_weights(path, version)
-            return
+            return {"export": t1 - t0, "load": time.perf_counter() - t1}
         pushed = self.learner.push_weights(self.spec, self.engines.engines, version)
+        t1 = time.perf_counter()
         self.engines.synced(version, pushed.versions, self._restorer(pushed, version))
+        return {**pushed.seconds, "call": t1 - t0 - sum(pushed.seconds.values()), "engines": time.perf_counter() - t1}
 
     def _restorer(self, pushed: Pushed, version: int):
         import ray
