@@ -8,6 +8,8 @@
 #   bash bench/gpu_session.sh trl                  # learner vs TRL at Qwen3's vocabulary
 #   bash bench/gpu_session.sh e2e_trl              # the whole loop vs TRL's GRPOTrainer + vLLM server
 #   bash bench/gpu_session.sh modes                # async vs sync through rl.train (bench/e2e_modes.py)
+#   bash bench/gpu_session.sh modes1 compile       # on one GPU (nvidia-h200): the same, engine and learner sharing
+#                                                  # the GPU; rl.train with trainer.compile=true
 # Extra arguments per stage: SYNC_ARGS, ROLLOUT_ARGS, DRIVER_ARGS, MODES_ARGS, ABL_ARGS, FAULT_ARGS; limits: T_<STAGE>.
 set -u
 export PYTHONPATH=/tmp/site:$PWD $(cat /tmp/site/.env 2>/dev/null)
@@ -41,6 +43,12 @@ for s in "$@"; do
                '~rewards.math.language' ;;  # TRL's server mode runs `vllm serve`: stage uvicorn and its kin too (untried)
     modes) stage modes "${T_MODES:-570}" python3 bench/e2e_modes.py --steps ${MODES_STEPS:-25} rollout=vllm rollout.engine_gpus=1 \
              trainer.learner_gpus=1 '~rewards.math.language' ${MODES_ARGS:-} ;;
+    modes1) stage modes1 "${T_MODES1:-420}" python3 bench/e2e_modes.py --steps ${MODES_STEPS:-15} rollout=vllm \
+              '~rewards.math.language' ${MODES_ARGS:-} ;;  # one GPU: engine and learner share it (auto -> IPC)
+    compile)  # trainer.compile through the driver: MoE with replayed experts, one GPU
+      stage compile "${T_COMPILE:-300}" python3 -m rl.train --config-name quickstart rollout=vllm '~rewards.math.language' \
+        trainer.compile=true trainer.steps=${COMPILE_STEPS:-8} trainer.run_dir=runs/gpu_compile logging.wandb=false
+      cp runs/gpu_compile/metrics.jsonl "$out/compile_metrics.jsonl" 2>/dev/null ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done
