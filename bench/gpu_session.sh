@@ -47,7 +47,7 @@ for s in "$@"; do
               '~rewards.math.language' ${MODES_ARGS:-} ;;  # one GPU: engine and learner share it (auto -> IPC)
     compile)  # trainer.compile through the driver: MoE with replayed experts, one GPU
       stage compile "${T_COMPILE:-300}" python3 -m rl.train --config-name quickstart rollout=vllm '~rewards.math.language' \
-        trainer.compile=true trainer.steps=${COMPILE_STEPS:-8} trainer.run_dir=runs/gpu_compile logging.wandb=false
+        trainer.compile=true trainer.steps=${COMPILE_STEPS:-8} trainer.run_dir=runs/gpu_compile logging.wandb=false ${COMPILE_ARGS:-}
       cp runs/gpu_compile/metrics.jsonl "$out/compile_metrics.jsonl" 2>/dev/null ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac

@@ -58,6 +58,7 @@ class VLLMEngine:
         self.mask_from_logprobs = self.mask_source == "logprobs"
         self.llm = self._start(cfg.model)
         self.policy_version = 0
+        self._loads = 0  # weight loads so far: the prefix-cache salt of the requests (`_loaded`)
 
     def _start(self, model: str):
         from vllm import LLM  # after the environment is set: vLLM reads it at import/engine start
@@ -102,7 +103,16 @@ class VLLMEngine:
             self.llm = self._start(path)
         else:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
-            self.llm.reset_prefix_cache()
+        self._loaded(version)
+
+    def _loaded(self, version: int) -> None:
+        """New weights are in: take `version`, and salt later requests' prefix-cache keys with a new load
+        count, so that no request reuses KV blocks computed with the old weights. vLLM's `reset_prefix_cache`
+        does the same by clearing every block's hash in a Python loop over the whole KV cache (~65 ns a block
+        on CPU): a small model in a large cache has millions of blocks, and the reset was most of its sync
+        (0.29 s of 0.30 s with the learner on the same H200, bench/README.md). The old blocks are reused as
+        free blocks when the cache needs them."""
+        self._loads += 1
         self.policy_version = version
 
     def update_weights_from_tensors(self, named, version: int) -> None:
@@ -118,8 +128,7 @@ class VLLMEngine:
             raise RuntimeError("object-store weight sync feeds vLLM's in-process engine only "
                                "(VLLM_ENABLE_V1_MULTIPROCESSING=0, the CPU default); on GPU use ipc or nccl")
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": checkpoint_names(named)})
-        self.llm.reset_prefix_cache()
-        self.policy_version = version
+        self._loaded(version)
 
     def update_weights_from_ipc(self, handles: list, version: int | None) -> None:
         """GPU, learner on the same GPU: load tensors shared by CUDA IPC (`rollout.weight_transfer`), one
@@ -129,8 +138,7 @@ class VLLMEngine:
         if handles:
             self.llm.collective_rpc(load_from_ipc, args=(handles,))
         if version is not None:
-            self.llm.reset_prefix_cache()
-            self.policy_version = version
+            self._loaded(version)
 
     def init_weight_group(self, host: str, port: int, rank: int = 1, world_size: int = 2) -> None:
         """GPU, learner on another GPU: join its NCCL weight group as `rank` (the learner is rank 0)."""
@@ -143,8 +151,7 @@ class VLLMEngine:
         from rollout.weight_transfer import load_from_nccl
 
         self.llm.collective_rpc(load_from_nccl, args=(plan,))
-        self.llm.reset_prefix_cache()
-        self.policy_version = version
+        self._loaded(version)
 
     def weight_sync_stats(self) -> dict:
         from rollout.weight_transfer import loader_stats
@@ -168,7 +175,8 @@ class VLLMEngine:
             flat_logprobs=True,  # arrays, not a dict of Logprob objects per token (Samples built without per-token lookups)
             detokenize=False,
         )
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        salt = f"weights-{self._loads}"  # no prefix-cache hit on blocks of earlier weights (`_loaded`)
+        outs = self.llm.generate([{"prompt_token_ids": p, "cache_salt": salt} for p in prompts], params, use_tqdm=False)
         kept = {}
         if self.mask_source == "sampler":
             from rollout import vllm_kept

@@ -18,6 +18,9 @@ from rollout.weight_transfer import SyncSpec, WeightSync, push, sync_state
 from rollout.weights import export_hf_checkpoint
 
 PROMPTS = [[(7 * i + j) % 1000 + 3 for j in range(4 + i % 5)] for i in range(16)]
+# Longer than one KV block (128 tokens on vLLM CPU): their first block is prefix-cached before a sync, and a
+# synced engine must not reuse it (KV of the old weights).
+LONG = [[(5 * j + 11 * i) % 1000 + 3 for j in range(200 + i)] for i in range(2)]
 GREEDY = SamplingConfig(n=1, temperature=0.0, max_tokens=12)
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "config.json")
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # _Holder runs in an actor; workers cannot import tests
@@ -75,9 +78,10 @@ def sync(ray, mgr: RolloutManager, weights: str, transport: str, sync_dir, versi
 
 
 def _greedy(actor_or_manager, ray):
+    prompts = PROMPTS[:6] + LONG
     if isinstance(actor_or_manager, RolloutManager):
-        return [g[0] for g in actor_or_manager.generate(PROMPTS[:6], GREEDY)]
-    return [g[0] for g in ray.get(actor_or_manager.generate.remote(PROMPTS[:6], GREEDY))]
+        return [g[0] for g in actor_or_manager.generate(prompts, GREEDY)]
+    return [g[0] for g in ray.get(actor_or_manager.generate.remote(prompts, GREEDY))]
 
 
 @pytest.mark.vllm
