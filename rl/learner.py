@@ -51,9 +51,9 @@ class LearnerConfig:
     logprob_chunk: int = 1024  # positions per log-prob chunk: ~1.2-1.6 GB of temporaries at a 152k vocabulary
     param_dtype: str = "float32"  # bfloat16: FSDP2 mixed precision (master weights and reductions stay fp32)
     gradient_checkpointing: bool = False  # recompute each decoder layer in backward (activation memory)
-    # torch.compile each decoder layer: fuses the norms, rotary and activation (and their casts) into few
-    # kernels. The first steps pay the compilation (a shape change compiles once more, then shapes are
-    # dynamic); a patched MoE router (keep routing) runs between compiled graphs.
+    # torch.compile each decoder layer, with dynamic shapes: fuses the norms, rotary and activation (and their
+    # casts) into few kernels. The first step pays the compilation (training and no-grad forwards compile
+    # apart; a micro-batch of one sequence specialises once more); MoE routers run eagerly between graphs.
     compile: bool = False
     loss: str = "grpo"  # a POLICY_LOSSES name: grpo | sft
     loss_cfg: algos.LossConfig = algos.LossConfig()
@@ -128,7 +128,7 @@ class Learner:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.cfg.compile:  # one compiled graph shared by the layers (parameters are graph inputs)
             for layer in _decoder_layers(model):
-                layer.compile()
+                layer.compile(dynamic=True)
         # One fp32 rank has nothing to shard: FSDP2 would only copy every parameter into unsharded
         # buffers at each forward and backward (measured: 0.75x TRL's tokens/s on a 0.4B model with it).
         if shard:

@@ -81,7 +81,8 @@ class RoutingController:
         return float(same.mean())
 
 
-def _router_forward(self, hidden_states: torch.Tensor):
+@torch.compiler.disable  # trainer.compile: eager between the layer's graphs; traced, each layer's index would
+def _router_forward(self, hidden_states: torch.Tensor):  # be a constant, one compilation per MoE layer
     ctl: RoutingController = self._routing_ctl
     hidden_states = hidden_states.reshape(-1, self.hidden_dim)
     logits = F.linear(hidden_states, self.weight)  # [N, E]

@@ -213,15 +213,24 @@ def test_gradient_checkpointing_replays_the_same_experts_in_backward(tiny_moe, m
 def test_compiled_layers_give_the_eager_gradients(tiny_moe, moe_samples):
     """`compile`: every decoder layer under torch.compile, the engine's experts replayed through the patched
     routers and its kept sets applied; gradients and metrics equal the eager learner's (fp32), over two
-    batch shapes (the second one recompiles with dynamic shapes)."""
-    forced = _forced_routing(moe_samples[:6], seed=1)
+    batch shapes, and a third shape compiles nothing new."""
+    from torch._dynamo.utils import counters
+
+    forced = _forced_routing(moe_samples[:9], seed=1)
     runs = []
     for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
         lrn = Learner(LearnerConfig(model=tiny_moe, temperature=SAMPLING.temperature, compile=compiled))
-        for batch in (forced[:4], forced[4:]):
+        for batch in (forced[:4], forced[4:6]):
             metrics = lrn.accumulate_grads(batch, plan_step(batch, 1, 8))
         runs.append((full_grads(lrn), metric_means(metrics)))
-        torch._dynamo.reset()
+        frames = counters["frames"]["ok"]  # compiled frames so far
+        lrn.accumulate_grads(forced[6:], plan_step(forced[6:], 1, 8))  # a third batch shape (size 1 would specialise)
+        lrn.zero_grads()
+        # Dynamic shapes from the start: a new shape compiles nothing (compiled static first, it recompiles).
+        assert counters["frames"]["ok"] == frames and (not compiled or frames > 0)
+    torch._dynamo.reset()
     (eager, m_eager), (comp, m_comp) = runs
     assert eager.keys() == comp.keys() and m_eager.keys() == m_comp.keys()
     for k in eager:
