@@ -30,10 +30,13 @@ def prompts(n: int) -> list[list[int]]:
 
 
 def raw_llm(ecfg):
-    """vllm.LLM with the engine settings ours uses (`rl.components.engine_config`), none of our code."""
+    """vllm.LLM with the engine settings ours uses (`rl.components.engine_config`, the routed-expert capture
+    included), none of our code."""
     from vllm import LLM
 
     kw = {"gpu_memory_utilization": ecfg.gpu_memory_utilization} if __import__("torch").cuda.is_available() else {}
+    if ecfg.enable_return_routed_experts:  # keep routing on a MoE: vLLM's capture is engine work, the same on both sides
+        kw["enable_return_routed_experts"] = True
     return LLM(model=ecfg.model, dtype=ecfg.dtype, enforce_eager=ecfg.enforce_eager, max_model_len=ecfg.max_model_len,
                seed=0, **kw, **ecfg.extra)
 

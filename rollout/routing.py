@@ -81,8 +81,10 @@ class RoutingController:
         return float(same.mean())
 
 
-@torch.compiler.disable  # trainer.compile: eager between the layer's graphs; traced, each layer's index would
-def _router_forward(self, hidden_states: torch.Tensor):  # be a constant, one compilation per MoE layer
+# trainer.compile: the router runs eagerly between the layer's graphs (traced, its layer index would be a
+# constant of the graph: one compilation per MoE layer).
+@torch.compiler.disable
+def _router_forward(self, hidden_states: torch.Tensor):
     ctl: RoutingController = self._routing_ctl
     hidden_states = hidden_states.reshape(-1, self.hidden_dim)
     logits = F.linear(hidden_states, self.weight)  # [N, E]
