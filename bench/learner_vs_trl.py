@@ -125,7 +125,8 @@ def run(variant: str, model_dir: str, B: int, P: int, C: int, reps: int, gpu: bo
             if gpu:
                 torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="cuda_time_total" if gpu else "cpu_time_total", row_limit=25)
-        with open(os.path.join(os.environ["BENCH_PROFILE"], f"profile_{variant}_{os.path.basename(model_dir)}.txt"), "w") as f:
+        name = f"profile_{variant.replace('+', '_').replace('@', '_at')}_{os.path.basename(model_dir)}.txt"  # plain names
+        with open(os.path.join(os.environ["BENCH_PROFILE"], name), "w") as f:
             f.write(table)
     dt = statistics.median(times)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024) - base
