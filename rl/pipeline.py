@@ -1,8 +1,10 @@
 """The steps of the loop that the driver, evaluation and distillation share: generate, score, advantages."""
 from __future__ import annotations
 
+import contextvars
 import math
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -57,12 +59,12 @@ def score(samples: list[Sample], specs: dict, pool, tokenizer) -> dict:
     from rewards import collect_events
 
     by_domain: dict[str, list[Sample]] = defaultdict(list)
-    counted: Counter = Counter()
     for s in samples:
         if s.status in (Status.COMPLETED, Status.TRUNCATED):
             s.text = tokenizer.decode(_scored_ids(s), skip_special_tokens=True)
             by_domain[s.domain].append(s)
-    for domain, group in by_domain.items():
+
+    def one(domain: str, group: list[Sample]) -> Counter:
         spec = specs[domain]
         keys = sorted({k for s in group for k in s.metadata if k != "prompt"})
         cols = {k: [s.metadata.get(k) for s in group] for k in keys}
@@ -75,7 +77,13 @@ def score(samples: list[Sample], specs: dict, pool, tokenizer) -> dict:
             vectors = pool.score(spec, [s.text for s in group], cols)
         for s, vec in zip(group, vectors):
             s.rewards, s.reward = vec, spec.combine(vec)
-        counted.update(events)
+        return Counter(events)
+
+    # Domains at once (each in a copy of this context, counting its own events): the step waits for the
+    # slowest domain, not for their sum (each dimension's child is forked and scored on its own).
+    with ThreadPoolExecutor(max(1, len(by_domain)), thread_name_prefix="score-domain") as ex:
+        futures = [ex.submit(contextvars.copy_context().run, one, d, g) for d, g in by_domain.items()]
+        counted = sum((f.result() for f in futures), Counter())
     return {**reward_metrics(samples, specs), **{f"events/{k}": v for k, v in sorted(counted.items())}}
 
 

@@ -29,3 +29,23 @@ def test_scorers_get_trl_prompts_and_completion_ids(tiny_dense):
     assert samples[0].reward == pytest.approx(1 + 0.01 * len(plain) + 0.001 * 1)  # one message
     assert samples[1].text == "Lyon"
     assert samples[1].reward == pytest.approx(0 + 0.01 * len(answer) + 0.001 * len("Capital of France?"))
+
+
+def test_domains_scored_at_once_keep_their_rewards_and_events(tiny_dense):
+    """Domains are scored concurrently: each sample gets its own domain's scores, and every domain's scoring
+    events reach this call's metrics (crashy abstains on 'boom': one exception event per domain)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dense)
+    crashy, length = "tests.rewards.helper_scorers:crashy", "tests.rewards.helper_scorers:sleepy"  # sleepy: len(text)
+    domains = ["a", "b", "c"]
+    specs = parse_specs({d: {"ok": {"scorer": crashy}, "len": {"scorer": length, "weight": 0.0}} for d in domains})
+    samples = []
+    for i, d in enumerate(domains * 2):
+        ids = tok("boom" if i < 3 else "fine " * (i + 1), add_special_tokens=False)["input_ids"]
+        samples.append(Sample([1], ids, loss_mask=[1] * len(ids), status=Status.COMPLETED, domain=d,
+                              metadata={"prompt": "p", "domain": d}))
+    metrics = pipeline.score(samples, specs, ScoringPool(timeout_s=10), tok)
+    assert [s.rewards["ok"] for s in samples] == [None] * 3 + [1.0] * 3
+    assert [s.rewards["len"] for s in samples] == [pytest.approx(len(s.text)) for s in samples]
+    assert metrics[f"events/{crashy}:exception"] == 3
