@@ -11,6 +11,7 @@
 #   bash bench/gpu_session.sh modes1 compile       # on one GPU (nvidia-h200): the same, engine and learner sharing
 #                                                  # the GPU; rl.train with trainer.compile=true
 # Extra arguments per stage: SYNC_ARGS, ROLLOUT_ARGS, DRIVER_ARGS, MODES_ARGS, ABL_ARGS, FAULT_ARGS; limits: T_<STAGE>.
+# modes1/compile: MODES_STEPS, COMPILE_STEPS, COMPILE_ARGS; limits T_MODES1, T_COMPILE.
 set -u
 export PYTHONPATH=/tmp/site:$PWD $(cat /tmp/site/.env 2>/dev/null)
 export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_ALLOW_INSECURE_SERIALIZATION=1

@@ -155,13 +155,20 @@ class ScoringPool:
 
     def score(self, spec: RewardSpec, completions: list[str], rows: dict[str, list]) -> list[dict[str, float | None]]:
         """One reward vector (dimension -> score or None) per completion; dimensions scored concurrently."""
-        for d in spec.dimensions:  # imports and models built here once are inherited by every forked child
-            warm_scorer(d.scorer)
+        self.warm(spec)
         # Each thread runs in a copy of the caller's context: its events reach the caller's collect_events().
         futures = {d.name: self._threads.submit(contextvars.copy_context().run, self.run_scorer, d.scorer, d.args, completions, rows)
                    for d in spec.dimensions}
         cols = {name: f.result() for name, f in futures.items()}
         return [{name: cols[name][i] for name in cols} for i in range(len(completions))]
+
+    @staticmethod
+    def warm(spec: RewardSpec) -> None:
+        """Warm `spec`'s scorers in this process: imports and models built here once are inherited by every
+        forked child. Call it before scoring from several threads: a fork while another thread is importing
+        can leave the child holding that module's import lock."""
+        for d in spec.dimensions:
+            warm_scorer(d.scorer)
 
     def score_remote(self, spec: RewardSpec, completions: list[str], rows: dict[str, list]):
         """`score` plus the events it counted, for a caller in another process (a Ray actor's client)."""

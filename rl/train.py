@@ -159,8 +159,9 @@ class Prefetcher:
 def sync_weights(s: Setup, learner, engines, version: int) -> dict[str, float]:
     """Learner weights -> every engine through `trainer.weight_sync` (rl.components.weight_sync: tensors over
     NCCL, CUDA IPC or Ray's object store, or a checkpoint in the run dir); versions are checked (StaleWeightsError).
-    Returns `time/sync` and its parts (`time/sync_<part>`, `WeightSync.sync`): `call` is the rest of the learner
-    call (Ray, and waiting for an engine that is still generating)."""
+    Returns `time/sync` and its parts (`time/sync_<part>`, `WeightSync.sync`): `send` includes waiting for an
+    engine that is still generating (an engine actor runs one call at a time); `call` is the rest of the learner
+    call (Ray's dispatch, the state dict)."""
     t0 = time.time()
     parts = components.weight_sync(s.cfg, learner, engines, s.dir).sync(version)
     return {"time/sync": time.time() - t0, **{f"time/sync_{k}": v for k, v in parts.items()}}

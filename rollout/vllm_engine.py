@@ -109,9 +109,9 @@ class VLLMEngine:
         """New weights are in: take `version`, and salt later requests' prefix-cache keys with a new load
         count, so that no request reuses KV blocks computed with the old weights. vLLM's `reset_prefix_cache`
         does the same by clearing every block's hash in a Python loop over the whole KV cache (~65 ns a block
-        on CPU): a small model in a large cache has millions of blocks, and the reset was most of its sync
-        (0.29 s of 0.30 s with the learner on the same H200, bench/README.md). The old blocks are reused as
-        free blocks when the cache needs them."""
+        on CPU): a small model in a large cache has millions of blocks, which predicts ~0.4 s per sync for the
+        tiny MoE in 0.4 of an H200, where the engine's side of the sync measured 0.29 s (bench/README.md). The
+        old blocks are reused as free blocks when the cache needs them."""
         self._loads += 1
         self.policy_version = version
 

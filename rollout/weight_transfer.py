@@ -191,7 +191,7 @@ def push(state: dict[str, torch.Tensor], spec: SyncSpec, engines: list, version:
         # FSDP2 shards: cast first (a bf16 gather moves half an fp32 one's bytes), and issue every gather of
         # the bucket before any result is used (async collectives; with one waited-for fp32 gather per tensor,
         # world 2 synced the 0.85B MoE 3x slower than world 1). A collective: every rank, in the same order.
-        with _timed(clock, "gather"):
+        with _timed(clock, "gather", sync=send):
             tensors = [(name, _gathered(state[name].detach().to(dtype))) for name, _, _ in bucket]
             tensors = [(name, t.wait() if hasattr(t, "wait") else t) for name, t in tensors]
         if sender:
@@ -207,11 +207,12 @@ def push(state: dict[str, torch.Tensor], spec: SyncSpec, engines: list, version:
 
 
 @contextmanager
-def _timed(clock: dict, key: str):
-    """Adds the block's wall time to clock[key]; on GPU after the queued work is done (`push`'s split of a sync)."""
+def _timed(clock: dict, key: str, sync: bool = True):
+    """Adds the block's wall time to clock[key]; with `sync` on GPU, after the queued work is done (`push`'s
+    split of a sync: only the sending rank's clock is read, the others skip the host sync)."""
     t0 = time.perf_counter()
     yield
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if sync and torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.current_stream().synchronize()
     clock[key] += time.perf_counter() - t0
 
@@ -514,9 +515,10 @@ class WeightSync:
         return self.spec.transport
 
     def sync(self, version: int) -> dict[str, float]:
-        """Returns where the sync's time went, in seconds: `gather` and `send` on learner rank 0 (`push`),
-        `engines` for the manager's bookkeeping after it (restarting an engine that died counts here); the
-        checkpoint transport: `export` and `load`."""
+        """Returns where the sync's time went, in seconds: `gather` and `send` on learner rank 0 (`push`; `send`
+        includes waiting for an engine still busy generating, and the engines' loads), `call` the rest of the
+        learner call, `engines` the manager's bookkeeping after it (restarting an engine that died counts here);
+        the checkpoint transport: `export` and `load`."""
         t0 = time.perf_counter()
         if self.transport == "checkpoint":
             path = self.learner.export_hf(self.checkpoint_dir, self.spec.bucket_mb, version=version)

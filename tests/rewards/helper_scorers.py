@@ -2,6 +2,7 @@
 forked children and Ray actors find them the way they find a user's scorer."""
 from __future__ import annotations
 
+import threading
 import time
 
 
@@ -32,3 +33,13 @@ def trl_len_reward(completions, **kwargs):
 def strict_reward(texts, answer):
     """No **kwargs and a first parameter named otherwise: gets the completions and only `answer`."""
     return [float(t == a) for t, a in zip(texts, answer)]
+
+
+_THREE = threading.Barrier(3, timeout=5)
+
+
+def together(completions, **_):
+    """Returns only once three calls are in it at the same time (in-process scoring, `isolate=False`): a
+    sequential caller breaks the barrier after 5 s and gets the exception."""
+    _THREE.wait()
+    return [1.0] * len(completions)

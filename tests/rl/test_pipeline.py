@@ -49,3 +49,17 @@ def test_domains_scored_at_once_keep_their_rewards_and_events(tiny_dense):
     assert [s.rewards["ok"] for s in samples] == [None] * 3 + [1.0] * 3
     assert [s.rewards["len"] for s in samples] == [pytest.approx(len(s.text)) for s in samples]
     assert metrics[f"events/{crashy}:exception"] == 3
+
+
+def test_domains_are_scored_at_the_same_time(tiny_dense):
+    """Three domains whose scorer returns only when all three are running at once (a sequential loop over
+    the domains would break its barrier and raise)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dense)
+    specs = parse_specs({d: {"ok": {"scorer": "tests.rewards.helper_scorers:together"}} for d in "abc"})
+    ids = tok("x", add_special_tokens=False)["input_ids"]
+    samples = [Sample([1], ids, loss_mask=[1] * len(ids), status=Status.COMPLETED, domain=d, metadata={"prompt": "p", "domain": d})
+               for d in "abc"]
+    pipeline.score(samples, specs, ScoringPool(timeout_s=10, isolate=False), tok)
+    assert [s.reward for s in samples] == [1.0] * 3
