@@ -5,6 +5,11 @@ the limit is enforced on a forked child process that is killed when it overruns.
 child (fast path); if that child times out or crashes, the batch is re-scored one completion per child so
 that only the culprit gets None. Every None produced here is counted in `rewards.base.EVENTS`.
 
+The children are pre-started: each scorer's process is forked at its first batch (after the scorer was
+warmed: math-verify's imports, lingua's detectors) and serves later batches until it overruns or dies, when it
+is killed and the next batch forks a new one. A fork from the driver costs 22-33 ms, against scorers that
+take about 0.5 ms a completion (bench/README.md). `prestart=False` forks a child per call.
+
 A scorer that raises gets its traceback printed to stderr once per scorer name and process (the first
 one; later ones are only counted as `<scorer>:exception`), so a bug in a reward function is seen at once
 rather than as a rising abstention count.
@@ -61,11 +66,12 @@ def _child(conn, fn, args, kwargs):
         conn.close()
 
 
-def _fork(ctx, send, fn, args, kwargs, attempts: int = 100):
-    """Start the child. filelock >= 3.3x refuses os.fork (RuntimeError from an audit hook) while another
-    thread is inside a lock's descriptor hand-over; that window is short, so try again a moment later."""
+def _fork(ctx, send, fn, args, kwargs, attempts: int = 100, target=None):
+    """Start the child (`target(send, fn, args, kwargs)`, `_child` by default). filelock >= 3.3x refuses os.fork
+    (RuntimeError from an audit hook) while another thread is inside a lock's descriptor hand-over; that window
+    is short, so try again a moment later."""
     for attempt in range(attempts):
-        proc = ctx.Process(target=_child, args=(send, fn, args, kwargs), daemon=True)
+        proc = ctx.Process(target=target or _child, args=(send, fn, args, kwargs), daemon=True)
         try:
             proc.start()
             return proc
@@ -102,6 +108,75 @@ def call_with_timeout(fn, args: tuple, kwargs: dict, timeout_s: float) -> CallRe
         proc.join()
 
 
+def _serve(conn, name, parent: int, _kwargs):
+    """A pre-started scorer process: scores the batches of scorer `name` sent over `conn` until the pipe closes
+    or the parent (pid `parent`) is gone. Replies as `_child` does; a batch that raises leaves it serving."""
+    import gc
+
+    os.setpgrp()  # so a scorer's own subprocesses die with it
+    for sig in (signal.SIGTERM, signal.SIGINT):  # not the driver's handlers (rl.train's Stop would ignore them)
+        signal.signal(sig, signal.SIG_DFL)
+    gc.freeze()  # the driver's objects, inherited: collections here would touch (and copy) all their pages
+    _SINK.set(None)
+    scorer = get_scorer(name)
+    while True:
+        try:
+            while not conn.poll(1.0):  # copies of the parent's pipe ends live in later forks: no EOF when it dies
+                if os.getppid() != parent:
+                    return
+            args, completions, rows = conn.recv()
+        except EOFError:
+            return
+        EVENTS.clear()
+        fn = functools.partial(scorer, **args) if args else scorer
+        try:
+            reply = (True, call_scorer(name, fn, completions, **rows), dict(EVENTS))
+        except ScorerError as exc:
+            reply = (False, exc, dict(EVENTS))
+        except BaseException:  # noqa: BLE001  report anything, including SystemExit from user code
+            reply = (False, traceback.format_exc(limit=5), dict(EVENTS))
+        conn.send(reply)
+
+
+class _Worker:
+    """One pre-started process of one scorer (`_serve`), forked after the scorer was warmed."""
+
+    def __init__(self, name: str):
+        ctx = mp.get_context("fork")
+        self.conn, child = ctx.Pipe()
+        self.proc = _fork(ctx, child, name, os.getpid(), None, target=_serve)
+        child.close()
+
+    def call(self, args: dict, completions: list[str], rows: dict[str, list], timeout_s: float) -> CallResult:
+        """Score one batch; on a time-out or a crash the process is killed (`alive` is then False)."""
+        try:
+            self.conn.send((args, completions, rows))
+            if not self.conn.poll(timeout_s):
+                self.kill()
+                return CallResult(False, error="timeout")
+            ok, value, events = self.conn.recv()
+        except (EOFError, OSError):  # died (os._exit, a signal, the OOM killer), or between batches
+            self.kill()
+            return CallResult(False, error=f"crashed (exit {self.proc.exitcode})")
+        merge_events(events)
+        if isinstance(value, ScorerError):
+            raise value
+        return CallResult(ok, value if ok else None, "" if ok else value)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.is_alive()
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.join()
+        self.conn.close()
+
+
+KEEP_IDLE = 2  # pre-started processes kept per scorer between batches
 _SHOWN: set[str] = set()  # scorers whose first traceback was printed
 _SHOWN_LOCK = threading.Lock()
 
@@ -124,11 +199,41 @@ class ScoringPool:
     debugging with breakpoints).
     """
 
-    def __init__(self, timeout_s: float = 30.0, threads: int = 4, isolate: bool = True):
+    def __init__(self, timeout_s: float = 30.0, threads: int = 4, isolate: bool = True, prestart: bool = True):
         if not timeout_s > 0:
             raise ValueError(f"scoring time-out must be > 0 seconds, got {timeout_s}")
-        self.timeout_s, self.isolate = timeout_s, isolate
+        self.timeout_s, self.isolate, self.prestart = timeout_s, isolate, prestart
         self._threads = ThreadPoolExecutor(max_workers=threads)
+        self._idle: dict[str, list[_Worker]] = {}  # scorer -> its pre-started processes not scoring now
+        self._lock = threading.Lock()
+
+    def _call(self, name: str, args: dict, fn, completions: list[str], rows: dict[str, list]) -> CallResult:
+        """One batch in a child under the time limit: a pre-started process of the scorer (forked at its first
+        batch, kept while it answers in time), or with `prestart=False` a child forked for this call."""
+        timeout_s = self.timeout_s * len(completions)
+        if not self.prestart:
+            return call_with_timeout(call_scorer, (name, fn, completions), rows, timeout_s)
+        with self._lock:
+            idle = self._idle.setdefault(name, [])
+            worker = idle.pop() if idle else None
+        if worker is None or not worker.alive:
+            worker = _Worker(name)
+        try:
+            return worker.call(args, completions, rows, timeout_s)
+        finally:  # kept for the next batch unless it was killed, or enough are idle (a batch's per-completion
+            with self._lock:  # re-scoring runs up to 16 at once)
+                keep = worker.alive and len(self._idle[name]) < KEEP_IDLE
+                if keep:
+                    self._idle[name].append(worker)
+            if not keep:
+                worker.kill()
+
+    def close(self) -> None:
+        """Stop the pre-started processes (they are daemons: they also end with this process)."""
+        with self._lock:
+            workers, self._idle = [w for ws in self._idle.values() for w in ws], {}
+        for w in workers:
+            w.kill()
 
     def run_scorer(self, name: str, args: dict, completions: list[str], rows: dict[str, list]) -> list[float | None]:
         fn = functools.partial(get_scorer(name), **args) if args else get_scorer(name)
@@ -137,7 +242,7 @@ class ScoringPool:
         return self._run_isolated(name, args, fn, completions, rows)
 
     def _run_isolated(self, name: str, args: dict, fn, completions: list[str], rows: dict[str, list]) -> list[float | None]:
-        res = call_with_timeout(call_scorer, (name, fn, completions), rows, self.timeout_s * len(completions))
+        res = self._call(name, args, fn, completions, rows)
         if res.ok:
             return res.value
         if res.error != "timeout" and not res.error.startswith("crashed"):

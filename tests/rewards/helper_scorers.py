@@ -2,6 +2,7 @@
 forked children and Ray actors find them the way they find a user's scorer."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -43,3 +44,10 @@ def together(completions, **_):
     sequential caller breaks the barrier after 5 s and gets the exception."""
     _THREE.wait()
     return [1.0] * len(completions)
+
+
+def pid(completions, **_):
+    """The scoring process's id for every completion; hangs on 'hang'."""
+    if any("hang" in c for c in completions):
+        time.sleep(3600)
+    return [float(os.getpid())] * len(completions)

@@ -215,3 +215,29 @@ def test_fork_refused_for_a_moment_is_retried(monkeypatch):
     monkeypatch.setattr(os, "fork", lambda: (_ for _ in ()).throw(RuntimeError("something else")))
     with pytest.raises(RuntimeError, match="something else"):
         call_with_timeout(sum, ([1],), {}, timeout_s=10)
+
+
+def test_prestarted_process_serves_batches_and_is_replaced_when_it_overruns():
+    """One process per scorer serves batch after batch (no fork per step); one that overruns is killed, only
+    the culprit gets None, and the next batch gets a new process."""
+    import os
+    import signal
+    import time
+
+    spec = parse_spec("t", {"p": {"scorer": "tests.rewards.helper_scorers:pid"}})
+    pool = ScoringPool(timeout_s=0.5)
+    previous = signal.signal(signal.SIGTERM, lambda *a: None)  # as rl.train's Stop: the children must not inherit it
+    try:
+        first = {v["p"] for v in pool.score(spec, ["a", "b"], {})}
+        assert len(first) == 1 and first != {float(os.getpid())}
+        assert {v["p"] for v in pool.score(spec, ["c"], {})} == first  # the same process
+        out = [v["p"] for v in pool.score(spec, ["d", "hang", "e"], {})]
+        assert out[1] is None and None not in (out[0], out[2])
+        later = {v["p"] for v in pool.score(spec, ["f"], {})}
+        assert later != first and not os.path.exists(f"/proc/{int(first.pop())}")  # killed, replaced
+        os.kill(int(next(iter(later))), signal.SIGTERM)  # what multiprocessing sends its daemons at exit
+        time.sleep(0.5)
+        assert {v["p"] for v in pool.score(spec, ["g"], {})} != later  # it died; a new one scored this
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        pool.close()
