@@ -296,12 +296,14 @@ class RayScoringPool:
         self._cls = ray.remote(num_cpus=num_cpus)(ScoringPool)
         self.timeout_s = timeout_s
         self.actors = [self._cls.remote(timeout_s) for _ in range(num_actors)]
+        self._replacing = threading.Lock()  # domains are scored from several threads (rl.pipeline.score)
 
     def score(self, spec: RewardSpec, completions: list[str], rows: dict[str, list]) -> list[dict[str, float | None]]:
         n, k = len(completions), len(self.actors)
         bounds = [(i * n // k, (i + 1) * n // k) for i in range(k)]
+        actors = list(self.actors)
         refs = [a.score_remote.remote(spec, completions[s:e], {c: v[s:e] for c, v in rows.items()})
-                for a, (s, e) in zip(self.actors, bounds)]
+                for a, (s, e) in zip(actors, bounds)]
         out: list[dict[str, float | None]] = []
         for i, (ref, (s, e)) in enumerate(zip(refs, bounds)):
             try:
@@ -309,9 +311,11 @@ class RayScoringPool:
                 vectors, events = self._ray.get(ref, timeout=self.timeout_s * 2 * max(e - s, 1) * len(spec.dimensions) + 30)
                 merge_events(events)
                 out.extend(vectors)
-            except Exception as exc:  # noqa: BLE001  a dead or hung actor: replace it, count the loss
-                self._ray.kill(self.actors[i])
-                self.actors[i] = self._cls.remote(self.timeout_s)
+            except Exception as exc:  # noqa: BLE001  a dead or hung actor: replace it (once), count the loss
+                with self._replacing:
+                    if self.actors[i] is actors[i]:
+                        self._ray.kill(actors[i])
+                        self.actors[i] = self._cls.remote(self.timeout_s)
                 record_event("pool", f"actor_failed:{type(exc).__name__}", e - s)
                 out.extend({d.name: None for d in spec.dimensions} for _ in range(e - s))
         return out
