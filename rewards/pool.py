@@ -7,8 +7,10 @@ that only the culprit gets None. Every None produced here is counted in `rewards
 
 The children are pre-started: each scorer's process is forked at its first batch (after the scorer was
 warmed: math-verify's imports, lingua's detectors) and serves later batches until it overruns or dies, when it
-is killed and the next batch forks a new one. A fork from the driver costs 22-33 ms, against scorers that
-take about 0.5 ms a completion (bench/README.md). `prestart=False` forks a child per call.
+is killed and the next batch forks a new one, or for at most `MAX_BATCHES` batches. A fork from the driver
+costs 22-33 ms, against scorers that take about 0.5 ms a completion (bench/README.md). What a scorer keeps
+in its module (caches, state) lasts as long as its process; scorers are meant to be pure functions of their
+arguments. `prestart=False` forks a child per call.
 
 A scorer that raises gets its traceback printed to stderr once per scorer name and process (the first
 one; later ones are only counted as `<scorer>:exception`), so a bug in a reward function is seen at once
@@ -23,6 +25,7 @@ import contextvars
 import functools
 import multiprocessing as mp
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -110,12 +113,14 @@ def call_with_timeout(fn, args: tuple, kwargs: dict, timeout_s: float) -> CallRe
 
 def _serve(conn, name, parent: int, _kwargs):
     """A pre-started scorer process: scores the batches of scorer `name` sent over `conn` until the pipe closes
-    or the parent (pid `parent`) is gone. Replies as `_child` does; a batch that raises leaves it serving."""
+    or the parent (pid `parent`) is gone. Replies as `_child` does; a batch that raises leaves it serving. Each
+    batch comes with its time limit, enforced here too (SIGALRM, default action: the process ends) for when the
+    parent died and cannot kill it."""
     import gc
 
     os.setpgrp()  # so a scorer's own subprocesses die with it
-    for sig in (signal.SIGTERM, signal.SIGINT):  # not the driver's handlers (rl.train's Stop would ignore them)
-        signal.signal(sig, signal.SIG_DFL)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM):  # not the driver's handlers (rl.train's Stop
+        signal.signal(sig, signal.SIG_DFL)  # would make it ignore multiprocessing's SIGTERM at exit)
     gc.freeze()  # the driver's objects, inherited: collections here would touch (and copy) all their pages
     _SINK.set(None)
     scorer = get_scorer(name)
@@ -124,40 +129,55 @@ def _serve(conn, name, parent: int, _kwargs):
             while not conn.poll(1.0):  # copies of the parent's pipe ends live in later forks: no EOF when it dies
                 if os.getppid() != parent:
                     return
-            args, completions, rows = conn.recv()
+            args, completions, rows, timeout_s = conn.recv()
         except EOFError:
             return
         EVENTS.clear()
         fn = functools.partial(scorer, **args) if args else scorer
+        signal.alarm(int(timeout_s) + 5)
         try:
             reply = (True, call_scorer(name, fn, completions, **rows), dict(EVENTS))
         except ScorerError as exc:
             reply = (False, exc, dict(EVENTS))
         except BaseException:  # noqa: BLE001  report anything, including SystemExit from user code
             reply = (False, traceback.format_exc(limit=5), dict(EVENTS))
+        signal.alarm(0)
         conn.send(reply)
 
 
 class _Worker:
-    """One pre-started process of one scorer (`_serve`), forked after the scorer was warmed."""
+    """One pre-started process of one scorer (`_serve`), forked after the scorer was warmed. `clean`: the last
+    batch got its whole reply (the pipe holds nothing stale), so the process may serve another one."""
 
     def __init__(self, name: str):
         ctx = mp.get_context("fork")
         self.conn, child = ctx.Pipe()
         self.proc = _fork(ctx, child, name, os.getpid(), None, target=_serve)
         child.close()
+        self.batches, self.clean = 0, True
 
     def call(self, args: dict, completions: list[str], rows: dict[str, list], timeout_s: float) -> CallResult:
-        """Score one batch; on a time-out or a crash the process is killed (`alive` is then False)."""
+        """Score one batch; on a time-out or a crash the process is killed (`alive` is then False). Raises
+        what pickling the batch raises (nothing was sent then)."""
+        from multiprocessing.reduction import ForkingPickler
+
+        data = bytes(ForkingPickler.dumps((args, completions, rows, timeout_s)))
+        self.clean, self.batches = False, self.batches + 1
         try:
-            self.conn.send((args, completions, rows))
-            if not self.conn.poll(timeout_s):
-                self.kill()
-                return CallResult(False, error="timeout")
+            self.conn.send_bytes(data)
+            deadline = time.monotonic() + timeout_s
+            # In slices: a later fork may hold a copy of this pipe's child end, so a dead process gives no EOF.
+            while not self.conn.poll(min(0.5, max(deadline - time.monotonic(), 0))):
+                if not self.proc.is_alive():
+                    raise EOFError
+                if time.monotonic() >= deadline:
+                    self.kill()
+                    return CallResult(False, error="timeout")
             ok, value, events = self.conn.recv()
         except (EOFError, OSError):  # died (os._exit, a signal, the OOM killer), or between batches
             self.kill()
             return CallResult(False, error=f"crashed (exit {self.proc.exitcode})")
+        self.clean = True
         merge_events(events)
         if isinstance(value, ScorerError):
             raise value
@@ -168,15 +188,19 @@ class _Worker:
         return self.proc.is_alive()
 
     def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.join()
+        if self.proc.exitcode is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # not yet its own group leader
+                self.proc.kill()
+            self.proc.join()
         self.conn.close()
 
 
 KEEP_IDLE = 2  # pre-started processes kept per scorer between batches
+# Batches one process serves before it is replaced: bounds what it carries from step to step (the driver's
+# pages it copied as the driver changed them, a scorer's caches and module state) at one fork per this many.
+MAX_BATCHES = 32
 _SHOWN: set[str] = set()  # scorers whose first traceback was printed
 _SHOWN_LOCK = threading.Lock()
 
@@ -216,15 +240,22 @@ class ScoringPool:
         with self._lock:
             idle = self._idle.setdefault(name, [])
             worker = idle.pop() if idle else None
-        if worker is None or not worker.alive:
-            worker = _Worker(name)
+        if worker is not None and not worker.alive:
+            worker.kill()  # reap it
+            worker = None
+        worker = worker or _Worker(name)
         try:
             return worker.call(args, completions, rows, timeout_s)
-        finally:  # kept for the next batch unless it was killed, or enough are idle (a batch's per-completion
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            if worker.clean:  # the batch could not be pickled (nothing sent): the fork inherits it instead
+                return call_with_timeout(call_scorer, (name, fn, completions), rows, timeout_s)
+            raise exc
+        finally:  # kept for the next batch unless killed, used up, or enough are idle (a batch's per-completion
             with self._lock:  # re-scoring runs up to 16 at once)
-                keep = worker.alive and len(self._idle[name]) < KEEP_IDLE
+                idle = self._idle.setdefault(name, [])
+                keep = worker.alive and worker.clean and worker.batches < MAX_BATCHES and len(idle) < KEEP_IDLE
                 if keep:
-                    self._idle[name].append(worker)
+                    idle.append(worker)
             if not keep:
                 worker.kill()
 

@@ -51,3 +51,10 @@ def pid(completions, **_):
     if any("hang" in c for c in completions):
         time.sleep(3600)
     return [float(os.getpid())] * len(completions)
+
+
+def exits(completions, **_):
+    """The process dies (os._exit) on 'die': a segfaulting extension, the OOM killer."""
+    if any("die" in c for c in completions):
+        os._exit(3)
+    return [1.0] * len(completions)

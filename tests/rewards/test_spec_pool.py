@@ -241,3 +241,35 @@ def test_prestarted_process_serves_batches_and_is_replaced_when_it_overruns():
     finally:
         signal.signal(signal.SIGTERM, previous)
         pool.close()
+
+
+def test_a_prestarted_process_that_dies_is_seen_at_once():
+    """A scorer process that dies mid-batch is reported as crashed within a second or so, not after the batch's
+    time limit (other forks may hold copies of its pipe, so no EOF arrives), and only the culprit gets None."""
+    import time
+
+    spec = parse_spec("t", {"e": {"scorer": "tests.rewards.helper_scorers:exits"}})
+    pool = ScoringPool(timeout_s=30)
+    try:
+        rewards.take_events()
+        t0 = time.monotonic()
+        assert [v["e"] for v in pool.score(spec, ["a", "die", "b"], {})] == [1.0, None, 1.0]
+        assert time.monotonic() - t0 < 15  # the batch's limit is 90 s, a completion's 30 s
+        assert rewards.take_events() == {"tests.rewards.helper_scorers:exits:crashed": 1}
+        assert [v["e"] for v in pool.score(spec, ["c"], {})] == [1.0]
+    finally:
+        pool.close()
+
+
+def test_a_prestarted_process_is_replaced_after_max_batches(monkeypatch):
+    """A process serves at most MAX_BATCHES batches (what it carries from step to step stays bounded)."""
+    import rewards.pool as pool_module
+
+    monkeypatch.setattr(pool_module, "MAX_BATCHES", 2)
+    spec = parse_spec("t", {"p": {"scorer": "tests.rewards.helper_scorers:pid"}})
+    pool = ScoringPool(timeout_s=5)
+    try:
+        pids = [pool.score(spec, [c], {})[0]["p"] for c in "abcd"]
+        assert pids[0] == pids[1] != pids[2] == pids[3]
+    finally:
+        pool.close()
