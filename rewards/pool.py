@@ -84,6 +84,14 @@ def _fork(ctx, send, fn, args, kwargs, attempts: int = 100, target=None):
             time.sleep(0.01)
 
 
+def _result(ok: bool, value, events: dict) -> CallResult:
+    """A child's reply (`_child`, `_serve`) in the parent: its events counted here, a contract violation raised."""
+    merge_events(events)
+    if isinstance(value, ScorerError):
+        raise value
+    return CallResult(ok, value if ok else None, "" if ok else value)
+
+
 def call_with_timeout(fn, args: tuple, kwargs: dict, timeout_s: float) -> CallResult:
     """Run fn(*args, **kwargs) in a forked child; kill its process group after `timeout_s`."""
     ctx = mp.get_context("fork")
@@ -93,22 +101,23 @@ def call_with_timeout(fn, args: tuple, kwargs: dict, timeout_s: float) -> CallRe
     try:
         if not recv.poll(timeout_s):
             return CallResult(False, error="timeout")
-        ok, value, events = recv.recv()
-        merge_events(events)
-        if isinstance(value, ScorerError):
-            raise value
-        return CallResult(ok, value if ok else None, "" if ok else value)
+        return _result(*recv.recv())
     except EOFError:
         proc.join(1)
         return CallResult(False, error=f"crashed (exit {proc.exitcode})")
     finally:
         recv.close()
-        if proc.is_alive():
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.join()
+        _kill(proc)
+
+
+def _kill(proc) -> None:
+    """Kill a child's process group (its scorer's subprocesses too) and reap it."""
+    if proc.exitcode is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # not yet its own group leader
+            proc.kill()
+    proc.join()
 
 
 def _serve(conn, name, parent: int, _kwargs):
@@ -173,27 +182,19 @@ class _Worker:
                 if time.monotonic() >= deadline:
                     self.kill()
                     return CallResult(False, error="timeout")
-            ok, value, events = self.conn.recv()
+            reply = self.conn.recv()
         except (EOFError, OSError):  # died (os._exit, a signal, the OOM killer), or between batches
             self.kill()
             return CallResult(False, error=f"crashed (exit {self.proc.exitcode})")
         self.clean = True
-        merge_events(events)
-        if isinstance(value, ScorerError):
-            raise value
-        return CallResult(ok, value if ok else None, "" if ok else value)
+        return _result(*reply)
 
     @property
     def alive(self) -> bool:
         return self.proc.is_alive()
 
     def kill(self) -> None:
-        if self.proc.exitcode is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:  # not yet its own group leader
-                self.proc.kill()
-            self.proc.join()
+        _kill(self.proc)
         self.conn.close()
 
 
@@ -246,10 +247,10 @@ class ScoringPool:
         worker = worker or _Worker(name)
         try:
             return worker.call(args, completions, rows, timeout_s)
-        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+        except (pickle.PicklingError, TypeError, AttributeError):
             if worker.clean:  # the batch could not be pickled (nothing sent): the fork inherits it instead
                 return call_with_timeout(call_scorer, (name, fn, completions), rows, timeout_s)
-            raise exc
+            raise
         finally:  # kept for the next batch unless killed, used up, or enough are idle (a batch's per-completion
             with self._lock:  # re-scoring runs up to 16 at once)
                 idle = self._idle.setdefault(name, [])
@@ -328,6 +329,10 @@ class RayScoringPool:
         self.timeout_s = timeout_s
         self.actors = [self._cls.remote(timeout_s) for _ in range(num_actors)]
         self._replacing = threading.Lock()  # domains are scored from several threads (rl.pipeline.score)
+
+    @staticmethod
+    def warm(spec: RewardSpec) -> None:
+        """Nothing to warm here: each actor's `ScoringPool` warms its scorers in its own process."""
 
     def score(self, spec: RewardSpec, completions: list[str], rows: dict[str, list]) -> list[dict[str, float | None]]:
         n, k = len(completions), len(self.actors)

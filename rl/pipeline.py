@@ -83,7 +83,7 @@ def score(samples: list[Sample], specs: dict, pool, tokenizer) -> dict:
     # slowest domain, not for their sum (each dimension's child is forked and scored on its own). Scorers are
     # warmed first, here: no domain's fork may happen while another domain's thread imports.
     for domain in by_domain:
-        getattr(pool, "warm", lambda spec: None)(specs[domain])
+        pool.warm(specs[domain])
     with ThreadPoolExecutor(max(1, len(by_domain)), thread_name_prefix="score-domain") as ex:
         futures = [ex.submit(contextvars.copy_context().run, one, d, g) for d, g in by_domain.items()]
         counted = sum((f.result() for f in futures), Counter())
