@@ -65,7 +65,9 @@ def _free_port() -> int:
 
 def start_head(num_cpus: int | None = None, port: int = 6379, temp_dir: str | None = None,
                jobs_port: int | None = None) -> str:
-    """`ray start --head` with Ray's token authentication (its default); returns the GCS address. No
+    """`ray start --head` with Ray's token authentication; returns the GCS address. Ray 2.60's `ray start` turns
+    authentication on only when it finds a token, so one is generated into ~/.ray/auth_token first when there is
+    none (`ray get-auth-token --generate`; drivers and `launch.submit` on this machine find it there). No
     dashboard, unless `jobs_port` is given: then the dashboard, which serves the Jobs API that
     `--address http://127.0.0.1:<jobs_port>` submits to, listens on 127.0.0.1 only. Ray 2.60's other
     servers listen on every interface whatever `--node-ip-address` says (measured with `ss -ltn`), so the
@@ -77,6 +79,7 @@ def start_head(num_cpus: int | None = None, port: int = 6379, temp_dir: str | No
         cmd += ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(jobs_port),
                 "--dashboard-agent-listen-port", str(_free_port())]
     cmd += (["--num-cpus", str(num_cpus)] if num_cpus else []) + (["--temp-dir", temp_dir] if temp_dir else [])
+    subprocess.run([cmd[0], "get-auth-token", "--generate"], check=True, capture_output=True)  # prints it: kept quiet
     subprocess.run(cmd, check=True, capture_output=True)
     return f"127.0.0.1:{port}"  # reachable from this machine (the head listens on all interfaces)
 
@@ -179,12 +182,9 @@ def _read_runtime_env(path: str | None, text: str | None) -> dict:
 
 def _jobs_client(address: str):
     """A Jobs API client; with a local Ray token, in token mode (the Jobs API refuses requests without it)."""
-    try:
-        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
-    except ImportError:  # a Ray without token authentication
-        pass
-    else:
-        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    from rl.cluster import enable_token_auth_if_available
+
+    enable_token_auth_if_available()
     from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(address)

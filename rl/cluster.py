@@ -20,15 +20,24 @@ import time
 from contextlib import contextmanager
 
 
+def enable_token_auth_if_available() -> bool:
+    """A client attaching to a cluster: Ray's token authentication on when a token is found (~/.ray/auth_token,
+    RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH) and RAY_AUTH_MODE does not say otherwise, the rule `ray start` and
+    Ray's CLI apply. Not forced on: Ray 2.60's `ray start --head` turns authentication on only when it finds a
+    token, so on a machine without one the head has none, and a client in token mode fails before it connects."""
+    try:
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    except ImportError:  # a Ray without token authentication
+        return False
+    return maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
 @contextmanager
 def ray_session(cluster):
     """`cluster.address` None: a private in-process Ray bound to `cluster.host` (127.0.0.1 by default),
     no dashboard. 'auto' or host:port: attach to `ray start --head` or a cluster (`ray job submit`)."""
     if cluster.address is not None:
-        # Ray 2.60 clusters use token authentication by default; a client attaching must say so too (the
-        # token comes from ~/.ray/auth_token or RAY_AUTH_TOKEN), before Ray reads its config at import.
-        # Set RAY_AUTH_MODE=disabled to opt out.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        enable_token_auth_if_available()
     import ray
 
     if ray.is_initialized():

@@ -29,22 +29,47 @@ def test_bad_config_is_refused_before_submission(tmp_path):
     assert res.returncode != 0 and "algo.kl_coef: must be >= 0" in res.stderr
 
 
+def test_a_driver_attaches_in_token_mode_only_with_a_token(tmp_path):
+    """`ray start --head` on a machine without a token has no authentication (Ray 2.60): a driver forcing token
+    mode could not attach to it. With a token (file or RAY_AUTH_TOKEN) the driver is in token mode;
+    RAY_AUTH_MODE, when set, decides."""
+    code = ("import os; from rl.cluster import enable_token_auth_if_available as e; "
+            "print(e(), os.environ.get('RAY_AUTH_MODE'))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")} | {"HOME": str(tmp_path)}
+
+    def mode(**extra) -> str:
+        return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, **extra}, capture_output=True,
+                              text=True, timeout=120, check=True).stdout.strip()
+
+    assert mode() == "False None"
+    assert mode(RAY_AUTH_TOKEN="t" * 32) == "True token"
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("t" * 32)
+    assert mode() == "True token"
+    assert mode(RAY_AUTH_MODE="disabled") == "False disabled"
+
+
 @pytest.mark.slow
-def test_run_on_a_local_ray_head(tmp_path):
+def test_run_on_a_local_ray_head(tmp_path, monkeypatch):
+    """On a machine that never ran Ray (no ~/.ray/auth_token: Ray 2.60's `ray start` then starts without
+    authentication, and a driver that forced token mode failed before connecting)."""
     import tempfile
 
     from launch.submit import start_head
 
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for var in [v for v in os.environ if v.startswith("RAY_AUTH")]:
+        monkeypatch.delenv(var)
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths have a length limit
     address = start_head(num_cpus=2, port=_port(), temp_dir=temp_dir)
     try:
+        assert (tmp_path / "home" / ".ray" / "auth_token").is_file()  # the head runs with a token
         run_dir = tmp_path / "run"
         args = ["--config-name", "quickstart", "distill.enabled=false", "trainer.steps=1", "data.prompts_per_step=2",
                 "rollout.n=2", "rollout.max_tokens=8", "eval.max_prompts=2", "eval.k=2", "logging.wandb=false",
                 f"trainer.run_dir={run_dir}", f"cluster.address={address}"]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}  # as a user's shell
         res = subprocess.run([sys.executable, "-m", "launch.submit", "--local", "--", *args], cwd=ROOT,
-                             env=env, capture_output=True, text=True, timeout=600)
+                             capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
         assert (run_dir / "submitted_config.yaml").read_text().count(address) == 1
         rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
