@@ -50,21 +50,22 @@ def _batch(B: int, P: int, C: int, vocab: int):
     return prompt, completion, old, adv
 
 
-def parse_variant(spec: str) -> tuple[str, bool, int | None, bool]:
-    """`ours`, `trl+gc` (gradient checkpointing), `ours+compile` (trainer.compile), `ours+gc+compile@256` (log-prob
-    chunk): (side, checkpointing, chunk, compile)."""
+def parse_variant(spec: str) -> tuple[str, bool, int | None, bool, bool]:
+    """`ours`, `trl+gc` (gradient checkpointing), `ours+compile` (trainer.compile), `ours+model` (trainer.fsdp_wrap=
+    model: one FSDP2 unit; with --gpu), `ours+gc+compile@256` (log-prob chunk): (side, checkpointing, chunk,
+    compile, one FSDP unit)."""
     spec, _, chunk = spec.partition("@")
     side, *flags = spec.split("+")
-    bad = side not in ("ours", "trl") or set(flags) - {"gc", "compile"} or len(set(flags)) < len(flags)
-    if bad or (side == "trl" and (chunk or "compile" in flags)):
-        raise SystemExit(f"--variants: bad variant {spec!r} (ours | trl, then +gc, then for ours +compile and @CHUNK)")
-    return side, "gc" in flags, int(chunk) if chunk else None, "compile" in flags
+    bad = side not in ("ours", "trl") or set(flags) - {"gc", "compile", "model"} or len(set(flags)) < len(flags)
+    if bad or (side == "trl" and (chunk or {"compile", "model"} & set(flags))):
+        raise SystemExit(f"--variants: bad variant {spec!r} (ours | trl, then +gc, then for ours +compile, +model and @CHUNK)")
+    return side, "gc" in flags, int(chunk) if chunk else None, "compile" in flags, "model" in flags
 
 
 def run(variant: str, model_dir: str, B: int, P: int, C: int, reps: int, gpu: bool = False) -> dict:
     import torch
 
-    side, gc, chunk, compiled = parse_variant(variant)
+    side, gc, chunk, compiled, one_unit = parse_variant(variant)
     vocab = json.load(open(os.path.join(model_dir, "config.json")))["vocab_size"]
     prompt, completion, old, adv = _batch(B, P, C, vocab)
     if side == "ours":
@@ -73,6 +74,7 @@ def run(variant: str, model_dir: str, B: int, P: int, C: int, reps: int, gpu: bo
 
         learner = Learner(LearnerConfig(model=model_dir, micro_batch_size=B, keep_routing=False, gradient_checkpointing=gc,
                                         compile=compiled, param_dtype="bfloat16" if gpu else "float32",
+                                        fsdp_wrap="model" if one_unit else "layer",
                                         **({"logprob_chunk": chunk} if chunk else {})))
         samples = [Sample(prompt_ids=prompt[b].tolist(), response_ids=completion[b].tolist(), logprobs=old[b].tolist(),
                           loss_mask=[1] * C, status=Status.COMPLETED, advantage=float(adv[b])) for b in range(B)]
@@ -148,7 +150,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1, help="TRL and ours processes alternated this many times each")
     p.add_argument("--variants", default="trl,ours",
                    help="processes per round, in order: ours | trl, +gc for gradient checkpointing (TRL's own default is "
-                        "on), +compile for our trainer.compile, @N for our log-prob chunk; each ours variant is compared "
+                        "on), +compile for our trainer.compile, +model for trainer.fsdp_wrap=model, @N for our log-prob chunk; each ours variant is compared "
                         "with the last trl variant of the same checkpointing, e.g. trl,ours,trl+gc,ours+gc,ours+compile")
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the tiny tokenizer's 1,030); "
@@ -181,7 +183,7 @@ def main() -> None:
             print(f"  {name:10s} {variant:10s}: {r['tokens_per_s']:8.1f} tok/s (step s median {spread(st)} of {len(st)}), "
                   f"peak extra {r['peak_extra_mb']:7.0f} MB"
                   + (f", bf16->fp32 addmm {r['fp32_out_addmm']}" if "fp32_out_addmm" in r else ""), flush=True)
-            side, gc, _, _ = parse_variant(variant)
+            side, gc, *_ = parse_variant(variant)
             trl = "trl+gc" if gc else "trl"  # the baseline: TRL with the same checkpointing
             if side == "ours" and trl in res:
                 ratios.setdefault((variant, trl), []).append((r["tokens_per_s"] / res[trl]["tokens_per_s"],

@@ -130,6 +130,9 @@ class TrainerConfig:
     micro_batch_size: int = 16
     logprob_chunk: int = 1024  # positions per chunk of the log-prob head (~1.2-1.6 GB of temporaries at a 152k vocabulary)
     param_dtype: str = "auto"  # float32 | bfloat16 (FSDP2 mixed precision, fp32 master weights) | auto
+    # FSDP2 units: layer (each decoder layer: least memory) | model (one unit: ~4 bytes a parameter more, and one
+    # gather and one reduction a step instead of a gather, a reduction and 4 hooks per layer)
+    fsdp_wrap: str = "layer"
     gradient_checkpointing: bool = False  # recompute decoder layers in backward (less activation memory)
     compile: bool = False  # torch.compile each decoder layer (fused norms/rotary/activations; compiles at the first steps)
     world_size: int = 1  # learner ranks (processes)
@@ -418,6 +421,7 @@ def validate(cfg: Config) -> None:
            f"auto | float32 | bfloat16 | float16, got {rollout.dtype!r}")
     _check(trainer.param_dtype in ("auto", "float32", "bfloat16"), "trainer.param_dtype",
            f"auto | float32 | bfloat16, got {trainer.param_dtype!r}")
+    _check(trainer.fsdp_wrap in ("layer", "model"), "trainer.fsdp_wrap", f"layer | model, got {trainer.fsdp_wrap!r}")
     _check(rollout.gpu_memory_utilization is None or 0 < rollout.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
            f"must be in (0, 1], got {rollout.gpu_memory_utilization}")
     _check(rollout.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", f"must be >= 1, got {rollout.tensor_parallel_size}")

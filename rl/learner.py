@@ -50,6 +50,10 @@ class LearnerConfig:
     micro_batch_size: int = 8
     logprob_chunk: int = 1024  # positions per log-prob chunk: ~1.2-1.6 GB of temporaries at a 152k vocabulary
     param_dtype: str = "float32"  # bfloat16: FSDP2 mixed precision (master weights and reductions stay fp32)
+    # FSDP2's units: "layer" (each decoder layer, then the rest: one layer's full weights and gradients at a time)
+    # or "model" (one unit: the whole model's bf16 weights and gradients live through the step, ~4 bytes a
+    # parameter more, for one gather and one reduction a step instead of one per layer and their hooks).
+    fsdp_wrap: str = "layer"
     gradient_checkpointing: bool = False  # recompute each decoder layer in backward (activation memory)
     # torch.compile each decoder layer, with dynamic shapes: fuses the norms, rotary and activation (and their
     # casts) into few kernels. The first step pays the compilation (training and no-grad forwards compile
@@ -133,8 +137,11 @@ class Learner:
         # buffers at each forward and backward (measured: 0.75x TRL's tokens/s on a 0.4B model with it).
         if shard:
             mp = MixedPrecisionPolicy(param_dtype=getattr(torch, self.cfg.param_dtype), reduce_dtype=torch.float32)
-            for layer in _decoder_layers(model):
-                fully_shard(layer, mp_policy=mp)
+            if self.cfg.fsdp_wrap == "layer":
+                for layer in _decoder_layers(model):
+                    fully_shard(layer, mp_policy=mp)
+            elif self.cfg.fsdp_wrap != "model":
+                raise ValueError(f"fsdp_wrap: layer | model, got {self.cfg.fsdp_wrap!r}")
             fully_shard(model, mp_policy=mp)
             model.to_empty(device=self.device)
             self._load_from_rank0(model)

@@ -240,6 +240,30 @@ def test_compiled_layers_give_the_eager_gradients(tiny_moe, moe_samples):
     assert m_eager["routing_agreement"] < 0.5  # forced experts the routers disagree with: the replay won in both
 
 
+def test_one_fsdp_unit_gives_the_per_layer_step(tiny_moe, moe_samples):
+    """`fsdp_wrap=model` (one FSDP2 unit: one gather and one reduction a step) against the per-layer units, bf16
+    mixed precision with the engine's experts replayed: the same casts and fp32 reductions, so the same
+    gradients, metrics and weights after an optimiser step, to the bit."""
+    forced = _forced_routing(moe_samples[:4], seed=2)
+    runs = []
+    for wrap in ("layer", "model"):
+        lrn = Learner(LearnerConfig(model=tiny_moe, temperature=SAMPLING.temperature, param_dtype="bfloat16",
+                                    fsdp_wrap=wrap, kl_coefs={"default": 0.1}))
+        units = sum(hasattr(m, "reshard") for m in lrn.model.modules())  # FSDP2 modules
+        assert units == (1 if wrap == "model" else 1 + lrn.model.config.num_hidden_layers)
+        metrics = metric_means(lrn.accumulate_grads(forced, plan_step(forced, 1, 4)))
+        grads = full_grads(lrn)
+        lrn.zero_grads()
+        lrn.train_step(forced, plan_step(forced, 1, 4))
+        runs.append((grads, metrics, lrn.full_state_dict()))
+    (g1, m1, w1), (g2, m2, w2) = runs
+    assert g1.keys() == g2.keys() and m1 == m2 and w1.keys() == w2.keys()
+    for k in g1:
+        assert torch.equal(g1[k], g2[k]), k
+    for k in w1:
+        assert torch.equal(w1[k], w2[k]), k
+
+
 def test_meta_device_bf16_load_equals_the_checkpoint(tiny_moe, moe_samples):
     """bf16 mixed precision shards a model built on the meta device and filled from rank 0: the fp32
     master weights equal the checkpoint's and the log-probs match the fp32 learner to bf16 precision
