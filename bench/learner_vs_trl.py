@@ -150,7 +150,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1, help="TRL and ours processes alternated this many times each")
     p.add_argument("--variants", default="trl,ours",
                    help="processes per round, in order: ours | trl, +gc for gradient checkpointing (TRL's own default is "
-                        "on), +compile for our trainer.compile, +model for trainer.fsdp_wrap=model, @N for our log-prob chunk; each ours variant is compared "
+                        "on), +compile for our trainer.compile, +model for trainer.fsdp_wrap=model, @N for our log-prob chunk; "
+                        "each ours variant is compared "
                         "with the last trl variant of the same checkpointing, e.g. trl,ours,trl+gc,ours+gc,ours+compile")
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the tiny tokenizer's 1,030); "
