@@ -112,10 +112,10 @@ class Prefetcher:
     """The scheduling of collection, in one place. A collection is two stages, each with its own thread:
     `generate_fn(k)` (the engines) then `finish_fn` on its result (scoring, on the CPU), so the engines start
     the next generation while this one is scored. Sync: step k+1's samples are generated after step k's
-    weights reached the engines (on-policy). Async with staleness bound d (`trainer.max_staleness`): when
-    step k's batch is asked for (after the weights of step k - 1 were synced), the collections of steps up
-    to k + d are queued first, so generation never waits for training or scoring, and a batch is at most d
-    policy versions old (its generation starts after version k's sync). Once `stop` has a signal no next
+    weights reached the engines (on-policy). Async with staleness bound d (`trainer.max_staleness`): once
+    version k is on the engines (the weights of step k - 1 synced), the collections of steps up to k + d are
+    queued, so generation never waits for training or scoring, and a batch is at most d policy versions old
+    (its generation starts after version k's sync). Once `stop` has a signal no next
     collection starts (the loop then stops after this step); one already running is waited for by `close`,
     queued ones are cancelled, and their samples dropped (the checkpoint's data position is before their
     prompts, so the resumed run collects them: no prompt is lost or replayed)."""
@@ -142,8 +142,10 @@ class Prefetcher:
         return self.pending.popleft().result()
 
     def weights_synced(self, step: int) -> None:
-        if self.mode == "sync":
-            self._queue_until(step + 1)
+        """Step `step`'s weights (version step + 1) reached the engines: queue what that version allows (sync:
+        step k+1's collection; async: up to step k+1+d, what `take(step + 1)` would queue), so the engines
+        generate while the loop logs and checkpoints."""
+        self._queue_until(step + 1 + (self.depth if self.mode == "async" else 0))
 
     def _queue_until(self, last: int) -> None:
         while self.queued <= min(last, self.steps - 1) and self.stop.signum is None:
@@ -263,11 +265,11 @@ def _loop(s: Setup, resume: bool, demos: dict):
                 break
             row = {**batch.metrics, **train(learner, batch, step, cfg)}
             row.update(sync_weights(s, learner, engines, version=step + 1))
-            prefetch.weights_synced(step)
             nonfinite = check_budgets(batch, row, cfg, nonfinite)
             row["time/step"], t_last = time.time() - t_last, time.time()  # wall between rows (async overlap shows)
-            if due(cfg.trainer.eval_every, step + 1, steps):
+            if due(cfg.trainer.eval_every, step + 1, steps):  # before the next collection: it has the engines first
                 row.update(evaluate(s, engines))
+            prefetch.weights_synced(step)
             tracker.log(step + 1, row)
             tracker.log_consumed(step + 1, batch.sources)
             _progress(cfg, step + 1, row)

@@ -50,8 +50,20 @@ def test_async_runs_ahead_by_at_most_the_staleness_bound(depth):
     started = _run("async", depth)
     assert sorted(started) == list(range(8))
     stale = {k: k - version for k, (version, _) in started.items()}
-    assert max(stale.values()) == depth, stale  # collection ran ahead as far as allowed ...
-    assert all(k - asked <= depth for k, (_, asked) in started.items())  # ... and never further
+    assert max(stale.values()) == depth, stale  # collection ran ahead as far as allowed (and never further)
+    assert all(k - asked <= depth + 1 for k, (_, asked) in started.items())  # queued at the sync before the ask
+
+
+@pytest.mark.parametrize("mode,depth", [("sync", 1), ("async", 1), ("async", 2)])
+def test_the_next_collections_are_queued_when_the_weights_arrive(mode, depth):
+    """Not at the next `take`: between the sync and it the loop evaluates, logs and checkpoints, and the
+    engines would idle through that (async with staleness 1: every step)."""
+    p = Prefetcher(lambda k: k, mode, 10, Stop(), depth)
+    p.start(0)
+    assert p.take(0) == 0
+    p.weights_synced(0)  # version 1 on the engines
+    assert p.queued == (2 if mode == "sync" else 2 + depth)  # sync: step 1; async: up to step 1 + depth
+    p.close()
 
 
 def test_a_signal_queues_nothing_more():
