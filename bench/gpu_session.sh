@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benches of bench/README.md as named stages, for a few device calls after staging
-# (../shared/gpu/stage.sh --driver, plus .gpuwheels/c8: vLLM's server stack for e2e_trl). Each stage logs to $OUT/<stage>.log under its own time limit, so one that
+# (`bash bench/gpu_stage.sh`: ../shared/gpu/stage.sh --driver plus vLLM's server stack for e2e_trl; 8 calls). Each stage
+# logs to $OUT/<stage>.log under its own time limit, so one that
 # fails or hangs leaves the others' results. Usage, on a 2-GPU machine (nvidia-h200-x2):
 #   bash bench/gpu_session.sh sync                 # weight sync per transport + learner scaling (bench/gpu_sync.py)
 #   bash bench/gpu_session.sh driver rollout       # rl.train at the real shape (auto -> NCCL); rollout vs raw vLLM
