@@ -32,7 +32,8 @@ Authentication: a cluster with Ray's token authentication needs its token here (
 as `ray start` does.
 
 `--local` runs the driver in this process, attached to a head started with `start_head` (or
-`ray start --head --include-dashboard false`); see `start_head` for what is and is not exposed.
+`ray get-auth-token --generate` then `ray start --head --include-dashboard false`: without a token, Ray 2.60's
+head has no authentication); see `start_head` for what is and is not exposed.
 """
 from __future__ import annotations
 
@@ -80,6 +81,9 @@ def start_head(num_cpus: int | None = None, port: int = 6379, temp_dir: str | No
                 "--dashboard-agent-listen-port", str(_free_port())]
     cmd += (["--num-cpus", str(num_cpus)] if num_cpus else []) + (["--temp-dir", temp_dir] if temp_dir else [])
     subprocess.run([cmd[0], "get-auth-token", "--generate"], check=True, capture_output=True)  # prints it: kept quiet
+    token = Path.home() / ".ray" / "auth_token"
+    if token.is_file():  # Ray writes it with the umask's mode (0644): other users could join the cluster
+        token.chmod(0o600)
     subprocess.run(cmd, check=True, capture_output=True)
     return f"127.0.0.1:{port}"  # reachable from this machine (the head listens on all interfaces)
 

@@ -22,14 +22,17 @@ from contextlib import contextmanager
 
 def enable_token_auth_if_available() -> bool:
     """A client attaching to a cluster: Ray's token authentication on when a token is found (~/.ray/auth_token,
-    RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH) and RAY_AUTH_MODE does not say otherwise, the rule `ray start` and
-    Ray's CLI apply. Not forced on: Ray 2.60's `ray start --head` turns authentication on only when it finds a
-    token, so on a machine without one the head has none, and a client in token mode fails before it connects."""
+    RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH) and RAY_AUTH_MODE does not say otherwise, the rule of `ray start` and
+    Ray's job-submission CLI (`ray.init` with an explicit address applies none: there the driver would have no
+    token for a head that has one). Not forced on: Ray 2.60's `ray start --head` turns authentication on only
+    when it finds a token, so on a machine without one the head has none, and a client in token mode failed
+    before it connected. Without a token, Ray warns that the cluster is open. The found token is sent to
+    `cluster.address`, whatever host that names."""
     try:
         from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
     except ImportError:  # a Ray without token authentication
         return False
-    return maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    return maybe_enable_token_auth_if_token_available(warn_if_disabled=True)
 
 
 @contextmanager

@@ -130,8 +130,9 @@ class TrainerConfig:
     micro_batch_size: int = 16
     logprob_chunk: int = 1024  # positions per chunk of the log-prob head (~1.2-1.6 GB of temporaries at a 152k vocabulary)
     param_dtype: str = "auto"  # float32 | bfloat16 (FSDP2 mixed precision, fp32 master weights) | auto
-    # FSDP2 units: layer (each decoder layer: least memory) | model (one unit: ~4 bytes a parameter more, and one
-    # gather and one reduction a step instead of a gather, a reduction and 4 hooks per layer)
+    # FSDP2 units, where FSDP2 is used (world_size > 1 or bfloat16; one float32 rank has none): layer (each decoder
+    # layer: least memory) | model (one unit: one gather and one reduction a micro-batch instead of one per layer
+    # with their hooks, for the whole model unsharded on every rank: several bytes a parameter more)
     fsdp_wrap: str = "layer"
     gradient_checkpointing: bool = False  # recompute decoder layers in backward (less activation memory)
     compile: bool = False  # torch.compile each decoder layer (fused norms/rotary/activations; compiles at the first steps)

@@ -50,9 +50,11 @@ class LearnerConfig:
     micro_batch_size: int = 8
     logprob_chunk: int = 1024  # positions per log-prob chunk: ~1.2-1.6 GB of temporaries at a 152k vocabulary
     param_dtype: str = "float32"  # bfloat16: FSDP2 mixed precision (master weights and reductions stay fp32)
-    # FSDP2's units: "layer" (each decoder layer, then the rest: one layer's full weights and gradients at a time)
-    # or "model" (one unit: the whole model's bf16 weights and gradients live through the step, ~4 bytes a
-    # parameter more, for one gather and one reduction a step instead of one per layer and their hooks).
+    # FSDP2's units, where FSDP2 is used (several ranks, or bf16): "layer" (each decoder layer, then the rest: one
+    # layer's full weights and gradients at a time) or "model" (one unit: one gather and one reduction a
+    # micro-batch instead of one per layer, with their hooks; the whole model's bf16 weights and gradients are
+    # unsharded on every rank through the micro-batch, and its fp32 reduction buffer at the end: several bytes a
+    # parameter more, not divided by the ranks).
     fsdp_wrap: str = "layer"
     gradient_checkpointing: bool = False  # recompute each decoder layer in backward (activation memory)
     # torch.compile each decoder layer, with dynamic shapes: fuses the norms, rotary and activation (and their

@@ -267,7 +267,7 @@ def _loop(s: Setup, resume: bool, demos: dict):
             row.update(sync_weights(s, learner, engines, version=step + 1))
             nonfinite = check_budgets(batch, row, cfg, nonfinite)
             row["time/step"], t_last = time.time() - t_last, time.time()  # wall between rows (async overlap shows)
-            if due(cfg.trainer.eval_every, step + 1, steps):  # before the next collection: it has the engines first
+            if due(cfg.trainer.eval_every, step + 1, steps):  # sync mode: before the next collection, not behind it
                 row.update(evaluate(s, engines))
             prefetch.weights_synced(step)
             tracker.log(step + 1, row)

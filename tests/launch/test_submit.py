@@ -63,7 +63,8 @@ def test_run_on_a_local_ray_head(tmp_path, monkeypatch):
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths have a length limit
     address = start_head(num_cpus=2, port=_port(), temp_dir=temp_dir)
     try:
-        assert (tmp_path / "home" / ".ray" / "auth_token").is_file()  # the head runs with a token
+        token = tmp_path / "home" / ".ray" / "auth_token"
+        assert token.is_file() and token.stat().st_mode & 0o077 == 0  # the head runs with a token, ours alone
         run_dir = tmp_path / "run"
         args = ["--config-name", "quickstart", "distill.enabled=false", "trainer.steps=1", "data.prompts_per_step=2",
                 "rollout.n=2", "rollout.max_tokens=8", "eval.max_prompts=2", "eval.k=2", "logging.wandb=false",

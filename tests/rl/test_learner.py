@@ -240,15 +240,17 @@ def test_compiled_layers_give_the_eager_gradients(tiny_moe, moe_samples):
     assert m_eager["routing_agreement"] < 0.5  # forced experts the routers disagree with: the replay won in both
 
 
-def test_one_fsdp_unit_gives_the_per_layer_step(tiny_moe, moe_samples):
-    """`fsdp_wrap=model` (one FSDP2 unit: one gather and one reduction a step) against the per-layer units, bf16
-    mixed precision with the engine's experts replayed: the same casts and fp32 reductions, so the same
-    gradients, metrics and weights after an optimiser step, to the bit."""
+def test_one_fsdp_unit_gives_the_per_layer_step(tiny_moe, moe_samples, tmp_path):
+    """`fsdp_wrap=model` (one FSDP2 unit: one gather and one reduction a micro-batch) against the per-layer
+    units, bf16 mixed precision with the engine's experts replayed: the same casts and fp32 reductions, so the
+    same gradients, metrics and weights after an optimiser step, to the bit; and its checkpoint resumes under
+    the per-layer units (the same parameter names), the next step again equal."""
     forced = _forced_routing(moe_samples[:4], seed=2)
+    cfg = lambda wrap: LearnerConfig(model=tiny_moe, temperature=SAMPLING.temperature, param_dtype="bfloat16",  # noqa: E731
+                                     fsdp_wrap=wrap, kl_coefs={"default": 0.1})
     runs = []
     for wrap in ("layer", "model"):
-        lrn = Learner(LearnerConfig(model=tiny_moe, temperature=SAMPLING.temperature, param_dtype="bfloat16",
-                                    fsdp_wrap=wrap, kl_coefs={"default": 0.1}))
+        lrn = Learner(cfg(wrap))
         units = sum(hasattr(m, "reshard") for m in lrn.model.modules())  # FSDP2 modules
         assert units == (1 if wrap == "model" else 1 + lrn.model.config.num_hidden_layers)
         metrics = metric_means(lrn.accumulate_grads(forced, plan_step(forced, 1, 4)))
@@ -262,6 +264,13 @@ def test_one_fsdp_unit_gives_the_per_layer_step(tiny_moe, moe_samples):
         assert torch.equal(g1[k], g2[k]), k
     for k in w1:
         assert torch.equal(w1[k], w2[k]), k
+    lrn.save_checkpoint(str(tmp_path / "ckpt"))  # the one-unit learner, after its step
+    back = Learner(cfg("layer"))
+    back.load_checkpoint(str(tmp_path / "ckpt"))
+    for x in (lrn, back):
+        x.train_step(forced, plan_step(forced, 1, 4))
+    w1, w2 = lrn.full_state_dict(), back.full_state_dict()
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
 
 
 def test_meta_device_bf16_load_equals_the_checkpoint(tiny_moe, moe_samples):

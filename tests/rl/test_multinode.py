@@ -122,7 +122,7 @@ sys.exit(3)
 
 
 def _env() -> dict:
-    # The test cluster runs without token authentication (ray_session asks for it when attaching).
+    # The test cluster runs without token authentication (ray_session turns it on when it finds a token).
     return {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
 
 

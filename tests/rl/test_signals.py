@@ -28,16 +28,21 @@ from tests.rl.test_reliability import ROOT, _cmd, _rows, _train_metrics
 STEPS = 4
 SYNC = ["trainer.weight_sync=checkpoint"]  # the transport with a directory in the run dir
 # rl.train whose driver sends itself SIGTERM while step 2 trains: in async mode step 3's collection is then
-# running (it started when step 2's batch was taken), which an outside signal hits only by chance.
+# running (it started when step 1's weights were synced, and it is held 3 s so that it is still running),
+# which an outside signal hits only by chance.
 SIGTERM_WHILE_STEP_2_TRAINS = """
-import os, signal, sys
+import os, signal, sys, time
 from rl import train
-real = train.train
+real, real_generate = train.train, train.generate
 def train_and_signal(learner, batch, step, cfg):
     if step == 1:
         os.kill(os.getpid(), signal.SIGTERM)
     return real(learner, batch, step, cfg)
-train.train = train_and_signal
+def slow_generate(s, engines, stream, step):
+    if step == 2:
+        time.sleep(3)
+    return real_generate(s, engines, stream, step)
+train.train, train.generate = train_and_signal, slow_generate
 sys.exit(train.main(sys.argv[1:]))
 """
 
@@ -297,12 +302,13 @@ def test_stop_records_the_signal_and_no_next_collection_starts(mode):
         prefetch.start(0)
         assert prefetch.take(0) == 0 and not stop.check(1)
         prefetch.weights_synced(0)
-        running = prefetch.pending  # step 1's collection (async: started by take, sync: once the weights are synced)
+        queued = prefetch.queued  # sync: step 1's collection; async: steps 1 and 2 (up to step 1 + staleness)
+        assert queued == (2 if mode == "sync" else 3)
         os.kill(os.getpid(), signal.SIGTERM)  # the handler runs in this (main) thread before kill returns
         assert stop.signum == signal.SIGTERM and stop.step is None
         assert prefetch.take(1) == 1
         prefetch.weights_synced(1)
-        assert prefetch.pending is running, "a collection started after the stop signal"
+        assert prefetch.queued == queued, "a collection started after the stop signal"
         assert stop.check(2) and stop.step == 2
     prefetch.close()
     assert signal.getsignal(signal.SIGTERM) != stop._handle  # the handlers before `with` are back
