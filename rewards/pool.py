@@ -55,15 +55,24 @@ class CallResult:
     error: str = ""  # "timeout", "crashed (exit N)" or the exception's traceback
 
 
+def _reply(fn, *args, **kwargs) -> tuple:
+    """In a child: `fn(*args, **kwargs)` as the parent's `_result` reads it, (ok, value or ScorerError or
+    traceback, the events counted meanwhile)."""
+    EVENTS.clear()
+    try:
+        return True, fn(*args, **kwargs), dict(EVENTS)
+    except ScorerError as exc:  # a contract violation is a bug to surface, not a sample to skip
+        return False, exc, dict(EVENTS)
+    except BaseException:  # noqa: BLE001  report anything, including SystemExit from user code
+        return False, traceback.format_exc(limit=5), dict(EVENTS)
+
+
 def _child(conn, fn, args, kwargs):
     os.setpgrp()  # so a scorer's own subprocesses die with it
     _SINK.set(None)  # the child counts into its own EVENTS, which travel back to the parent with the result
-    EVENTS.clear()
     try:
-        conn.send((True, fn(*args, **kwargs), dict(EVENTS)))
-    except ScorerError as exc:  # a contract violation is a bug to surface, not a sample to skip
-        conn.send((False, exc, dict(EVENTS)))
-    except BaseException:  # noqa: BLE001  report anything, including SystemExit from user code
+        conn.send(_reply(fn, *args, **kwargs))
+    except BaseException:  # noqa: BLE001  the reply could not be sent (a value that does not pickle)
         conn.send((False, traceback.format_exc(limit=5), dict(EVENTS)))
     finally:
         conn.close()
@@ -141,15 +150,9 @@ def _serve(conn, name, parent: int, _kwargs):
             args, completions, rows, timeout_s = conn.recv()
         except EOFError:
             return
-        EVENTS.clear()
         fn = functools.partial(scorer, **args) if args else scorer
         signal.alarm(int(timeout_s) + 5)
-        try:
-            reply = (True, call_scorer(name, fn, completions, **rows), dict(EVENTS))
-        except ScorerError as exc:
-            reply = (False, exc, dict(EVENTS))
-        except BaseException:  # noqa: BLE001  report anything, including SystemExit from user code
-            reply = (False, traceback.format_exc(limit=5), dict(EVENTS))
+        reply = _reply(call_scorer, name, fn, completions, **rows)  # scores are floats (check_scores): they pickle
         signal.alarm(0)
         conn.send(reply)
 
@@ -236,8 +239,9 @@ class ScoringPool:
         """One batch in a child under the time limit: a pre-started process of the scorer (forked at its first
         batch, kept while it answers in time), or with `prestart=False` a child forked for this call."""
         timeout_s = self.timeout_s * len(completions)
+        fork = functools.partial(call_with_timeout, call_scorer, (name, fn, completions), rows, timeout_s)
         if not self.prestart:
-            return call_with_timeout(call_scorer, (name, fn, completions), rows, timeout_s)
+            return fork()
         with self._lock:
             idle = self._idle.setdefault(name, [])
             worker = idle.pop() if idle else None
@@ -249,7 +253,7 @@ class ScoringPool:
             return worker.call(args, completions, rows, timeout_s)
         except (pickle.PicklingError, TypeError, AttributeError):
             if worker.clean:  # the batch could not be pickled (nothing sent): the fork inherits it instead
-                return call_with_timeout(call_scorer, (name, fn, completions), rows, timeout_s)
+                return fork()
             raise
         finally:  # kept for the next batch unless killed, used up, or enough are idle (a batch's per-completion
             with self._lock:  # re-scoring runs up to 16 at once)
