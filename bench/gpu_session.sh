@@ -34,7 +34,7 @@ for s in "$@"; do
       stage driver "${T_DRIVER:-300}" python3 -m rl.train --config-name gpu_real_shape '~rewards.math.language' trainer.steps=3 \
         trainer.run_dir=runs/gpu_tensor_sync ${DRIVER_ARGS:-}
       cp runs/gpu_tensor_sync/metrics.jsonl "$out/driver_metrics.jsonl" 2>/dev/null ;;
-    rollout) CUDA_VISIBLE_DEVICES=0 stage rollout "${T_ROLLOUT:-240}" python3 bench/rollout_throughput.py --prompts 128 --n 8 \
+    rollout) CUDA_VISIBLE_DEVICES=0 stage rollout "${T_ROLLOUT:-420}" python3 bench/rollout_throughput.py --prompts 128 --n 8 \
                --max-tokens 128 --reps 5 rollout.gpu_memory_utilization=0.4 ${ROLLOUT_ARGS:-} ;;
     ablations) stage ablations "${T_ABL:-540}" python3 bench/ablations.py ${ABL_ARGS:-} --out "$out" & ;;
     faults) stage faults "${T_FAULTS:-540}" python3 bench/gpu_faults.py ${FAULT_ARGS:-} & ;;

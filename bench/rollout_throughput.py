@@ -75,9 +75,13 @@ def main() -> None:
                                  **cfg.model.tiny_overrides))
     ps = prompts(a.prompts)
     sp = dataclasses.replace(components.sampling(cfg.rollout, seed=0), ignore_eos=True)
-    llm = raw_llm(components.engine_config(cfg.rollout, model))
+    # the captures ours gets (keep routing on a MoE: vLLM's routed-expert capture), so both do the same engine work
+    raw_cfg = components.engine_config(cfg.rollout, model, want=components.captures(cfg, model))
+    llm = raw_llm(raw_cfg)
     ray.init(num_cpus=2, num_gpus=min(gpus, 1), include_dashboard=False, log_to_driver=False)
     mgr = components.engines(cfg, model)
+    if raw_cfg.enable_return_routed_experts != mgr.cfg.enable_return_routed_experts:  # 39e0578 shipped this unequal
+        raise SystemExit(f"rollout bench: raw capture {raw_cfg.enable_return_routed_experts} != ours {mgr.cfg.enable_return_routed_experts}")
     rates: dict[str, list[float]] = {"raw": [], "ours": []}
     for rep in range(a.reps + 1):  # rep 0 warms both up (every batch shape)
         for mode in (("raw", "ours") if rep % 2 else ("ours", "raw")):
@@ -91,7 +95,7 @@ def main() -> None:
     where = __import__("torch").cuda.get_device_name(0) if gpus else "CPU"
     print(f"tiny {cfg.model.tiny} {dict(cfg.model.tiny_overrides) or ''}, {a.prompts} prompts x n={a.n}, "
           f"{a.max_tokens} new tokens, {cfg.rollout.dtype}, "
-          f"enforce_eager={cfg.rollout.enforce_eager}, {where}")
+          f"enforce_eager={cfg.rollout.enforce_eager}, routed-expert capture (both) {raw_cfg.enable_return_routed_experts}, {where}")
     for mode, v in rates.items():
         print(f"{mode:5s} tok/s median {spread(v, ',.0f')}")
     print(f"ratio ours / raw vLLM: median {spread(ratios)} "

@@ -60,6 +60,7 @@ class LearnerConfig:
     # torch.compile each decoder layer, with dynamic shapes: fuses the norms, rotary and activation (and their
     # casts) into few kernels. The first step pays the compilation (training and no-grad forwards compile
     # apart; a micro-batch of one sequence specialises once more); MoE routers run eagerly between graphs.
+    # The log-prob head's softmax passes compile too (rl.logprobs: one read of bf16 logits, no fp32 copies).
     compile: bool = False
     loss: str = "grpo"  # a POLICY_LOSSES name: grpo | sft
     loss_cfg: algos.LossConfig = algos.LossConfig()
@@ -128,7 +129,7 @@ class Learner:
             model = AutoModelForCausalLM.from_pretrained(self.cfg.model, dtype=torch.float32)
             maybe_install_dsa(model, self.cfg.model)  # before sharding: the indexers shard with their layers
             model = model.to(self.device)
-        model.set_output_embeddings(ChunkedLogprobHead(model.get_output_embeddings()))
+        model.set_output_embeddings(ChunkedLogprobHead(model.get_output_embeddings(), compiled=self.cfg.compile))
         routing = RoutingController(model)  # patch the routers before sharding wraps the layers
         if trainable and self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -542,9 +543,10 @@ class ChunkedLogprobHead(torch.nn.Module):
     returns the targets' log-probs `[B, T]` from `token_logprobs` instead of `[B, T, V]` logits while a
     `request` is set. Holds the same weight Parameter (tied embeddings stay tied)."""
 
-    def __init__(self, linear: torch.nn.Module):
+    def __init__(self, linear: torch.nn.Module, compiled: bool = False):
         super().__init__()
         self.weight = linear.weight
+        self.compiled = compiled  # trainer.compile: the chunks' softmax passes compiled (rl.logprobs)
         self.request = None  # (targets [B, T], KeptBatch or None, chunk size, temperature, positions, stats wanted)
         self.entropy = self.kept_mass = None  # [B, T] of the last request (no gradient)
 
@@ -555,7 +557,7 @@ class ChunkedLogprobHead(torch.nn.Module):
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, at)
         res = algos.token_logprobs(h, self.weight, targets.reshape(-1).index_select(0, at), chunk,
                                    kept_ids=kept.select(at) if kept is not None else None,
-                                   temperature=temperature, return_stats=stats)
+                                   temperature=temperature, return_stats=stats, compiled=self.compiled)
         logp, ent, mass = res if stats else (res, None, None)
         # Elsewhere: log-prob 0, entropy 0, kept mass 1 (positions without a loss; never read).
         def spread(x: torch.Tensor, fill: float) -> torch.Tensor:  # a new [B, T] tensor, not a view: FSDP2 hooks the output

@@ -51,11 +51,12 @@ def _full(hidden, w, ids, temperature=1.0):
     return torch.log_softmax(logits, -1).gather(-1, ids[..., None]).squeeze(-1)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("chunk_size,temperature", [(1, 1.0), (4, 1.0), (5, 0.7), (1000, 1.3)])
-def test_chunked_equals_full_values_and_gradients(chunk_size, temperature):
+def test_chunked_equals_full_values_and_gradients(chunk_size, temperature, compiled):
     hidden, w, ids = _inputs()
     up = torch.randn(ids.shape, dtype=torch.float64)
-    out = token_logprobs(hidden, w, ids, chunk_size, temperature=temperature)
+    out = token_logprobs(hidden, w, ids, chunk_size, temperature=temperature, compiled=compiled)
     gh, gw = torch.autograd.grad((out * up).sum(), (hidden, w))
     ref = _full(hidden, w, ids, temperature)
     rh, rw = torch.autograd.grad((ref * up).sum(), (hidden, w))
@@ -64,9 +65,10 @@ def test_chunked_equals_full_values_and_gradients(chunk_size, temperature):
     torch.testing.assert_close(gw, rw, rtol=1e-10, atol=1e-10)
 
 
-def test_entropy_matches_full():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_entropy_matches_full(compiled):
     hidden, w, ids = _inputs()
-    _, ent = token_logprobs(hidden, w, ids, 4, return_entropy=True)
+    _, ent = token_logprobs(hidden, w, ids, 4, return_entropy=True, compiled=compiled)
     logq = torch.log_softmax(hidden @ w.T, -1)
     torch.testing.assert_close(ent, -(logq.exp() * logq).sum(-1).detach(), rtol=1e-12, atol=1e-12)
 
@@ -167,8 +169,9 @@ def test_empty_kept_row_and_token_outside_its_set_are_finite_in_gradients():
     assert gh[0, 1].abs().sum() == 0 and gh[0, 2].abs().sum() == 0
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("chunk", [3, 7, 64])
-def test_kept_batch_ids_and_bitmap_chunks_equal_the_loop(chunk):
+def test_kept_batch_ids_and_bitmap_chunks_equal_the_loop(chunk, compiled):
     """rl.batch.KeptBatch through the chunked head: id-encoded chunks (gathered logits) and chunks with a
     bitmap row (a dense mask) give the loop's renormalised log-probs and gradients at response positions."""
     import numpy as np
@@ -190,7 +193,7 @@ def test_kept_batch_ids_and_bitmap_chunks_equal_the_loop(chunk):
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(V, H, generator=g, dtype=torch.float64, requires_grad=True)
-    out = token_logprobs(hidden, w, batch.targets, chunk, kept_ids=batch.kept)
+    out = token_logprobs(hidden, w, batch.targets, chunk, kept_ids=batch.kept, compiled=compiled)
     on = batch.loss_mask > 0
     logits = hidden @ w.T
     ref = []
@@ -208,10 +211,53 @@ def test_kept_batch_ids_and_bitmap_chunks_equal_the_loop(chunk):
     # position is left out too (its set must be dropped, not shifted onto the next position).
     at = on.reshape(-1).nonzero().squeeze(1)
     at = torch.cat([at[:4], at[5:]])
-    sel = token_logprobs(hidden.reshape(-1, H)[at], w, batch.targets.reshape(-1)[at], chunk, kept_ids=batch.kept.select(at))
+    sel = token_logprobs(hidden.reshape(-1, H)[at], w, batch.targets.reshape(-1)[at], chunk, kept_ids=batch.kept.select(at),
+                         compiled=compiled)
     ref_at = torch.cat([ref[:4], ref[5:]])
     torch.testing.assert_close(sel, ref_at, rtol=1e-10, atol=1e-10)
     _same_grads(sel, ref_at, (hidden, w))
+
+
+class Bitmap:
+    """Kept sets as a dense boolean `[N, V]` mask behind KeptBatch's `chunk` (every chunk in "mask" mode)."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
+
+    def chunk(self, s: int, e: int, device):
+        return "mask", self.mask[s:e].to(device), torch.ones(e - s, dtype=torch.bool, device=device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_compiled_head_equals_eager(dtype):
+    """`compiled=True` (trainer.compile) computes each chunk's softmax statistics and logit gradient in compiled
+    passes over the matmul's own output: log-probs, entropy, kept mass and gradients equal the eager head's,
+    with bitmap kept sets, an empty set, a token outside its set, a temperature and a short last chunk."""
+    N, H, V = 23, 16, 300
+    g = torch.Generator().manual_seed(11)
+    hidden = torch.randn(N, H, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    w = torch.randn(V, H, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    ids = torch.randint(0, V, (N,), generator=g)
+    mask = torch.rand(N, V, generator=g) < 0.3
+    mask[torch.arange(N), ids] = True
+    mask[4] = False  # an empty set
+    mask[9, ids[9]] = False  # the token outside its set
+    up = torch.randn(N, generator=g, dtype=torch.float64).to(torch.promote_types(dtype, torch.float32))
+    got = {}
+    for compiled in (False, True):
+        for kept in (None, Bitmap(mask)):
+            out, ent, mass = token_logprobs(hidden, w, ids, 5, kept_ids=kept, temperature=0.7, return_stats=True,
+                                            compiled=compiled)
+            loss = torch.where(torch.isfinite(out), out, 0.0) * up
+            got[compiled, kept is None] = (out, ent, mass, *torch.autograd.grad(loss.sum(), (hidden, w)))
+    exact = dtype == torch.float64
+    for plain in (False, True):
+        eager, comp = got[False, plain], got[True, plain]
+        for a, b, name in zip(eager, comp, ("logp", "entropy", "kept_mass", "grad hidden", "grad weight")):
+            tol = 1e-12 if exact else (1e-4 if name in ("logp", "entropy", "kept_mass") else 1e-2)  # fp32 sums
+            torch.testing.assert_close(b, a, rtol=tol, atol=tol, equal_nan=False, msg=f"{name} (plain={plain})")
+    out = got[True, False][0]
+    assert out[4] == float("-inf") and out[9] == float("-inf") and torch.isfinite(got[True, False][3]).all()
 
 
 def test_learner_head_at_loss_positions_equals_every_position():
