@@ -4,7 +4,7 @@ under trainer.compile) vs full logits + log_softmax, forward (with the entropy, 
 Each variant runs in its own fresh process (same inputs, same seed), a warm-up step (the compilation) and then
 `--reps` timed steps; `--rounds` runs the variants' processes interleaved that many times, and each ratio is the
 median [min, max] over the rounds. Peak memory is the process's peak RSS (`--gpu`: CUDA's peak allocation)
-minus what it held after the inputs were built, so it counts exactly what the log-prob computation adds.
+minus what it held after the warm-up, so it counts exactly what the log-prob computation adds.
 
     python bench/token_logprobs.py                      # B=1, L=4096, V=151936, H=1024
     python bench/token_logprobs.py --batch 8 --only chunked
@@ -28,6 +28,11 @@ import time
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 def run_variant(variant: str, B: int, L: int, V: int, H: int, chunk: int, reps: int = 1, gpu: bool = False) -> dict:
@@ -57,19 +62,22 @@ def run_variant(variant: str, B: int, L: int, V: int, H: int, chunk: int, reps: 
             torch.cuda.synchronize()
         return float(ent.double().sum())
 
+    step()  # warm-up: the compilation of `compiled` (its compiler's own memory is not the head's)
+    hidden.grad = w.grad = None
     if gpu:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated() / 2**20
         torch.cuda.reset_peak_memory_stats()
     else:
         base = _rss_mb()
-    step()  # warm-up: the compilation of `compiled`
+        with open("/proc/self/clear_refs", "w") as f:  # Linux: reset the peak RSS (VmHWM) to the current RSS
+            f.write("5")
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         entropy = step()
         times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = torch.cuda.max_memory_allocated() / 2**20 if gpu else _peak_rss_mb()
     return {"variant": variant, "seconds": statistics.median(times), "peak_extra_mb": peak - base, "entropy": entropy,
             "checksum": float(hidden.grad.double().sum() + w.grad.double().sum())}
 

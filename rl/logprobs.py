@@ -120,12 +120,13 @@ def _row_lse_entropy(logits: torch.Tensor, temperature: float):
 
 
 def _logit_grad(logits: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, temperature: float):
-    """d(sum_i g_i * logp_i)/d logits `[n, V]` in the logits' dtype: g * (onehot(token) - p) / temperature,
-    p = softmax over the row (0 outside a kept set). Written to be compiled into one elementwise pass."""
+    """d(sum_i g_i * logp_i)/d logits `[n, V]`, written over `logits` (its dtype): g * (onehot(token) - p) /
+    temperature, p = softmax over the row (0 outside a kept set). Written to be compiled into one elementwise
+    pass that reads and writes each element once."""
     x = _upcast(logits) / temperature
     p = torch.exp(x - lse[:, None])
     onehot = torch.arange(x.shape[-1], device=x.device)[None, :] == ids
-    return ((onehot.to(x.dtype) - p) * (g / temperature)[:, None]).to(logits.dtype)
+    return logits.copy_((onehot.to(x.dtype) - p) * (g / temperature)[:, None])  # in place: no second [n, V]
 
 
 _COMPILED: dict = {}

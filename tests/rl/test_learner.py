@@ -211,8 +211,8 @@ def test_gradient_checkpointing_replays_the_same_experts_in_backward(tiny_moe, m
 
 
 def test_compiled_layers_give_the_eager_gradients(tiny_moe, moe_samples):
-    """`compile`: every decoder layer under torch.compile, the engine's experts replayed through the patched
-    routers and its kept sets applied; gradients and metrics equal the eager learner's (fp32), over two
+    """`compile`: every decoder layer and the log-prob head's softmax passes under torch.compile, the engine's
+    experts replayed through the patched routers and its kept sets applied; gradients and metrics equal the eager learner's (fp32), over two
     batch shapes, and a third shape compiles nothing new."""
     from torch._dynamo.utils import counters
 
