@@ -7,11 +7,13 @@
 #   bash bench/gpu_session.sh driver rollout       # rl.train at the real shape (auto -> NCCL); rollout vs raw vLLM
 #   bash bench/gpu_session.sh ablations faults     # run side by side (correctness, not timing)
 #   bash bench/gpu_session.sh trl                  # learner vs TRL at Qwen3's vocabulary
+#   bash bench/gpu_session.sh head                 # the log-prob head alone: eager vs compiled passes (one GPU)
 #   bash bench/gpu_session.sh e2e_trl              # the whole loop vs TRL's GRPOTrainer + vLLM server
 #   bash bench/gpu_session.sh modes                # async vs sync through rl.train (bench/e2e_modes.py)
 #   bash bench/gpu_session.sh modes1 compile       # on one GPU (nvidia-h200): the same, engine and learner sharing
 #                                                  # the GPU; rl.train with trainer.compile=true
-# Extra arguments per stage: SYNC_ARGS, ROLLOUT_ARGS, DRIVER_ARGS, MODES_ARGS, ABL_ARGS, FAULT_ARGS; limits: T_<STAGE>.
+# Extra arguments per stage: SYNC_ARGS, ROLLOUT_ARGS, DRIVER_ARGS, MODES_ARGS, ABL_ARGS, FAULT_ARGS; limits: T_<STAGE>
+# (vLLM's start plus a Ray actor's take ~140 s: keep limits of stages that start engines at 400 s or more).
 # modes1/compile: MODES_STEPS, COMPILE_STEPS, COMPILE_ARGS; limits T_MODES1, T_COMPILE.
 set -u
 export PYTHONPATH=/tmp/site:$PWD $(cat /tmp/site/.env 2>/dev/null)
@@ -41,6 +43,8 @@ for s in "$@"; do
     trl) BENCH_PROFILE=$out CUDA_VISIBLE_DEVICES=0 stage trl "${T_TRL:-400}" python3 bench/learner_vs_trl.py --gpu --models dense0.4b,moe0.85b \
            --batch 8 --prompt-len 256 --completion-len 1024 --vocab 151936 --reps 5 --rounds ${TRL_ROUNDS:-1} \
            --variants ${TRL_VARIANTS:-trl,ours,trl+gc,ours+gc,ours@256} ;;
+    head) CUDA_VISIBLE_DEVICES=0 stage head "${T_HEAD:-300}" python3 bench/token_logprobs.py --gpu --batch 8 --seq 1024 \
+            --vocab 151936 --hidden 1024 --chunk 1024 --variants chunked,compiled --reps 5 --rounds 5 ;;  # the head alone
     e2e_trl) stage e2e_trl "${T_E2E:-580}" python3 bench/e2e_vs_trl.py --gpu --steps 25 --prompts 32 --n 8 --max-tokens 256 \
                '~rewards.math.language' ;;  # TRL's server mode runs `vllm serve`: stage uvicorn and its kin too (untried)
     modes) stage modes "${T_MODES:-570}" python3 bench/e2e_modes.py --steps ${MODES_STEPS:-25} rollout=vllm rollout.engine_gpus=1 \
