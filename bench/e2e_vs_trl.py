@@ -11,14 +11,18 @@ spec, group size, lengths, learning rate and steps; trained-sample tokens per se
   (`rewards.*` of the config), `num_generations` = n, one optimiser step per generation of prompts x n
   completions (micro-batches as ours), `beta` = 0 (ours keeps its per-domain KL), gradient checkpointing
   off as ours. GPU (`--gpu`): vLLM in server mode on the second GPU (`trl vllm-serve`), the trainer on the
-  first, bf16. CPU: TRL generates with transformers (no vLLM), fp32: a smoke test of this script, not a
-  comparison. Tokens of a step = `completions/mean_length` x completions; time = wall between steps.
+  first, bf16. `--gpu --colocate`: one GPU for both sides; TRL's vLLM in colocate mode (in the trainer's
+  process) with ours' resolved `rollout.gpu_memory_utilization` and `max_model_len`; ours with the engine and
+  the learner sharing the GPU (auto placement). CPU: TRL generates with transformers (no vLLM), fp32: a smoke
+  test of this script, not a comparison. Tokens of a step = `completions/mean_length` x completions; time =
+  wall between steps.
 
     python bench/e2e_vs_trl.py --gpu --steps 25 [--prompts 32 --n 8 --max-tokens 256] [rl.train overrides ...]
+    python bench/e2e_vs_trl.py --gpu --colocate --steps 25   # one GPU (not issue 19's 2-GPU target)
     python bench/e2e_vs_trl.py --steps 4 --prompts 4 --n 4 --max-tokens 16 rollout=reference   # CPU smoke test
 
-Not covered: TRL's colocated vLLM mode; DeepSpeed/FSDP in TRL (one process); the two runs' rewards are not
-compared (their prompt orders differ).
+Not covered: DeepSpeed/FSDP in TRL (one process); TRL's sleep mode; the two runs' rewards are not compared
+(their prompt orders differ).
 """
 from __future__ import annotations
 
@@ -60,6 +64,16 @@ def run_ours(a, run_dir: Path) -> dict:
     return per_second(tokens, [r["time/step"] for r in steps], a.warmup)
 
 
+def trl_vllm_args(a, cfg) -> dict:
+    """GRPOConfig's vLLM settings: none on CPU, its server on the second GPU, or colocated with ours' engine settings."""
+    if not a.gpu:
+        return {}
+    if a.colocate:
+        return {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": cfg.rollout.gpu_memory_utilization,
+                "vllm_max_model_length": cfg.rollout.max_model_len}
+    return {"use_vllm": True, "vllm_mode": "server", "vllm_server_host": "127.0.0.1", "vllm_server_port": a.port}
+
+
 def trl_worker(a, out: Path) -> None:
     """Runs in its own process: TRL's GRPOTrainer; writes per-step tokens and seconds to `out`."""
     import torch
@@ -94,8 +108,7 @@ def trl_worker(a, out: Path) -> None:
         gradient_accumulation_steps=a.prompts * a.n // micro, num_generations=a.n, max_completion_length=a.max_tokens,
         temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, learning_rate=cfg.trainer.lr, beta=0.0,
         max_steps=a.steps, logging_steps=1, save_strategy="no", report_to=[], seed=cfg.trainer.seed,
-        gradient_checkpointing=False, use_cpu=not a.gpu, bf16=a.gpu,
-        **({"use_vllm": True, "vllm_mode": "server", "vllm_server_host": "127.0.0.1", "vllm_server_port": a.port} if a.gpu else {}))
+        gradient_checkpointing=False, use_cpu=not a.gpu, bf16=a.gpu, **trl_vllm_args(a, cfg))
     marks: list[float] = []
 
     class Clock(TrainerCallback):
@@ -114,7 +127,7 @@ def trl_worker(a, out: Path) -> None:
 def run_trl(a, work: Path) -> dict:
     server = None
     env = dict(os.environ)
-    if a.gpu:
+    if a.gpu and not a.colocate:
         from rl.components import setup
         from rl.config import load_config
 
@@ -154,9 +167,14 @@ def main() -> None:
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--port", type=int, default=8011)
+    p.add_argument("--colocate", action="store_true", help="--gpu on one GPU: TRL's colocated vLLM vs ours sharing it")
     p.add_argument("--trl-worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="rl.train overrides for both sides (model, rewards, ...)")
     a = p.parse_args()
+    if a.colocate and not a.gpu:
+        raise SystemExit("--colocate needs --gpu (one GPU for both sides)")
+    if a.colocate:  # both sides see one GPU: ours' auto placement shares it
+        os.environ["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     if a.trl_worker:
         trl_worker(a, Path(a.trl_worker))
         return
@@ -169,7 +187,8 @@ def main() -> None:
     for k, r in res.items():
         med, lo, hi = r["step_s"]
         print(f"  {k:4s}: {r['tokens_per_s']:10,.0f} trained tokens/s; step s median {med:.2f} [{lo:.2f}, {hi:.2f}] over {r['steps']}")
-    print(f"  ratio ours / TRL: {res['ours']['tokens_per_s'] / res['trl']['tokens_per_s']:.2f}x (target >= 1.5x on 2 GPUs)")
+    where = "one GPU, colocated" if a.colocate else "2 GPUs" if a.gpu else "CPU smoke test"
+    print(f"  ratio ours / TRL ({where}): {res['ours']['tokens_per_s'] / res['trl']['tokens_per_s']:.2f}x (target >= 1.5x on 2 GPUs)")
     (Path(os.environ.get("OUT", work)) / "e2e_vs_trl.json").write_text(json.dumps(res, indent=1))
 
 

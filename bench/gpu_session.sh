@@ -9,6 +9,7 @@
 #   bash bench/gpu_session.sh trl                  # learner vs TRL at Qwen3's vocabulary
 #   bash bench/gpu_session.sh head                 # the log-prob head alone: eager vs compiled passes (one GPU)
 #   bash bench/gpu_session.sh e2e_trl              # the whole loop vs TRL's GRPOTrainer + vLLM server
+#   bash bench/gpu_session.sh e2e_trl1             # the same on one GPU (nvidia-h200): TRL's colocated vLLM
 #   bash bench/gpu_session.sh modes                # async vs sync through rl.train (bench/e2e_modes.py)
 #   bash bench/gpu_session.sh modes1 compile       # on one GPU (nvidia-h200): the same, engine and learner sharing
 #                                                  # the GPU; rl.train with trainer.compile=true
@@ -47,6 +48,8 @@ for s in "$@"; do
             --vocab 151936 --hidden 1024 --chunk 1024 --variants chunked,compiled --reps 5 --rounds 5 ;;  # the head alone
     e2e_trl) stage e2e_trl "${T_E2E:-580}" python3 bench/e2e_vs_trl.py --gpu --steps 25 --prompts 32 --n 8 --max-tokens 256 \
                '~rewards.math.language' ;;  # TRL's server mode runs `vllm serve`: stage uvicorn and its kin too (untried)
+    e2e_trl1) stage e2e_trl1 "${T_E2E1:-580}" python3 bench/e2e_vs_trl.py --gpu --colocate --steps 25 --prompts 32 --n 8 \
+                --max-tokens 256 '~rewards.math.language' ;;  # one GPU: TRL's colocated vLLM vs ours sharing the GPU
     modes) stage modes "${T_MODES:-570}" python3 bench/e2e_modes.py --steps ${MODES_STEPS:-25} rollout=vllm rollout.engine_gpus=1 \
              trainer.learner_gpus=1 '~rewards.math.language' ${MODES_ARGS:-} ;;
     modes1) stage modes1 "${T_MODES1:-420}" python3 bench/e2e_modes.py --steps ${MODES_STEPS:-15} rollout=vllm \
