@@ -136,7 +136,7 @@ class TrainerConfig:
     # model was 1.29x faster on a compiled 0.4B step for +0.7 GB (bench/README.md): pick it at world 1 when it fits
     fsdp_wrap: str = "layer"
     gradient_checkpointing: bool = False  # recompute decoder layers in backward (less activation memory)
-    compile: bool = False  # torch.compile each decoder layer and the log-prob head's softmax passes (compiles at step 1)
+    compile: bool = False  # torch.compile the decoder (a region per FSDP unit) and the log-prob head's softmax passes
     world_size: int = 1  # learner ranks (processes)
     learner_cpus: float = 1.0
     learner_gpus: Optional[float] = None  # GPUs per learner rank; None: 1 on a GPU machine (0.5 with one GPU), else 0

@@ -57,10 +57,11 @@ class LearnerConfig:
     # parameter more, not divided by the ranks).
     fsdp_wrap: str = "layer"
     gradient_checkpointing: bool = False  # recompute each decoder layer in backward (activation memory)
-    # torch.compile each decoder layer, with dynamic shapes: fuses the norms, rotary and activation (and their
-    # casts) into few kernels. The first step pays the compilation (training and no-grad forwards compile
-    # apart; a micro-batch of one sequence specialises once more); MoE routers run eagerly between graphs.
-    # The log-prob head's softmax passes compile too (rl.logprobs: one read of bf16 logits, no fp32 copies).
+    # torch.compile with dynamic shapes: fuses the norms, rotary and activation (and their casts) into few kernels.
+    # One region per FSDP2 unit: each decoder layer under fsdp_wrap=layer, else the whole decoder stack (one call
+    # a forward instead of one per layer: the dense step is host-bound). The first step pays the compilation
+    # (training and no-grad forwards compile apart; a micro-batch of one sequence specialises once more); MoE
+    # routers run eagerly between graphs. The log-prob head's softmax passes compile too (rl.logprobs).
     compile: bool = False
     loss: str = "grpo"  # a POLICY_LOSSES name: grpo | sft
     loss_cfg: algos.LossConfig = algos.LossConfig()
@@ -133,9 +134,10 @@ class Learner:
         routing = RoutingController(model)  # patch the routers before sharding wraps the layers
         if trainable and self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if self.cfg.compile:  # one compiled graph shared by the layers (parameters are graph inputs)
-            for layer in _decoder_layers(model):
-                layer.compile(dynamic=True)
+        if self.cfg.compile:  # a compiled region per FSDP unit: dynamo does not trace FSDP2's hooks between units
+            per_layer = shard and self.cfg.fsdp_wrap == "layer"  # one graph shared by the layers (params are inputs)
+            for region in _decoder_layers(model) if per_layer else [getattr(model, model.base_model_prefix)]:
+                region.compile(dynamic=True)
         # One fp32 rank has nothing to shard: FSDP2 would only copy every parameter into unsharded
         # buffers at each forward and backward (measured: 0.75x TRL's tokens/s on a 0.4B model with it).
         if shard:

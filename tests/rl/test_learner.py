@@ -211,8 +211,9 @@ def test_gradient_checkpointing_replays_the_same_experts_in_backward(tiny_moe, m
 
 
 def test_compiled_layers_give_the_eager_gradients(tiny_moe, moe_samples):
-    """`compile`: every decoder layer and the log-prob head's softmax passes under torch.compile, the engine's
-    experts replayed through the patched routers and its kept sets applied; gradients and metrics equal the eager learner's (fp32), over two
+    """`compile` on one fp32 rank (no FSDP2: the whole decoder stack is one region) and the log-prob head's
+    softmax passes under torch.compile, the engine's experts replayed through the patched routers (eager, between
+    graphs) and its kept sets applied; gradients and metrics equal the eager learner's (fp32), over two
     batch shapes, and a third shape compiles nothing new."""
     from torch._dynamo.utils import counters
 
@@ -238,6 +239,50 @@ def test_compiled_layers_give_the_eager_gradients(tiny_moe, moe_samples):
     for k in m_eager:
         assert m_comp[k] == pytest.approx(m_eager[k], rel=1e-4, abs=1e-6), k
     assert m_eager["routing_agreement"] < 0.5  # forced experts the routers disagree with: the replay won in both
+
+
+def _random_samples(B: int, P: int, R: int, seed: int) -> list:
+    """Hand-made completed samples (a dense model needs no captures): prompt P + b, response R - b tokens."""
+    from rollout.sample import Sample, Status
+
+    g = torch.Generator().manual_seed(seed)
+    return [Sample(prompt_ids=torch.randint(1, 1000, (P + b,), generator=g).tolist(),
+                   response_ids=torch.randint(1, 1000, (R - b,), generator=g).tolist(), logprobs=[-1.0] * (R - b),
+                   loss_mask=[1] * (R - b), status=Status.COMPLETED, advantage=float(b % 2) - 0.5) for b in range(B)]
+
+
+def test_compiled_regions_follow_the_fsdp_units(tiny_dense):
+    """`compile` under bf16 FSDP2 compiles one region per unit: each decoder layer under fsdp_wrap=layer, the whole
+    decoder stack under fsdp_wrap=model (one call a forward: the host-bound dense step). Both give the eager
+    step's gradients and metrics (bf16: to a tolerance), and a new batch shape compiles nothing."""
+    from torch._dynamo.utils import counters
+
+    batches = [_random_samples(3, 6, 14, seed=0), _random_samples(2, 9, 11, seed=1)]
+    runs = {}
+    for wrap, compiled in (("layer", False), ("layer", True), ("model", True)):
+        torch._dynamo.reset()
+        counters.clear()
+        lrn = Learner(LearnerConfig(model=tiny_dense, param_dtype="bfloat16", fsdp_wrap=wrap, compile=compiled))
+        base = getattr(lrn.model, lrn.model.base_model_prefix)
+        layers_compiled = [getattr(layer, "_compiled_call_impl", None) is not None for layer in base.layers]
+        assert layers_compiled == [compiled and wrap == "layer"] * len(layers_compiled)
+        assert (getattr(base, "_compiled_call_impl", None) is not None) == (compiled and wrap == "model")
+        for batch in batches:
+            metrics = lrn.accumulate_grads(batch, plan_step(batch, 1, 8))
+        runs[wrap, compiled] = (full_grads(lrn), metric_means(metrics))
+        frames = counters["frames"]["ok"]
+        third = _random_samples(4, 5, 9, seed=2)
+        lrn.accumulate_grads(third, plan_step(third, 1, 8))
+        lrn.zero_grads()
+        assert counters["frames"]["ok"] == frames and (not compiled or frames > 0)
+    torch._dynamo.reset()
+    eager, m_eager = runs["layer", False]
+    for key in (("layer", True), ("model", True)):
+        grads, m = runs[key]
+        for k in eager:
+            torch.testing.assert_close(grads[k], eager[k], rtol=0.05, atol=2e-3, msg=f"{key} {k}")
+        for k in m_eager:
+            assert m[k] == pytest.approx(m_eager[k], rel=0.02, abs=1e-3), (key, k)
 
 
 def test_one_fsdp_unit_gives_the_per_layer_step(tiny_moe, moe_samples, tmp_path):
