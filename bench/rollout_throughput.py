@@ -80,8 +80,11 @@ def main() -> None:
     llm = raw_llm(raw_cfg)
     ray.init(num_cpus=2, num_gpus=min(gpus, 1), include_dashboard=False, log_to_driver=False)
     mgr = components.engines(cfg, model)
-    if raw_cfg.enable_return_routed_experts != mgr.cfg.enable_return_routed_experts:  # 39e0578 shipped this unequal
-        raise SystemExit(f"rollout bench: raw capture {raw_cfg.enable_return_routed_experts} != ours {mgr.cfg.enable_return_routed_experts}")
+    # A guard against regressions (39e0578 shipped raw without the capture). The bench's top_p=1.0 records no
+    # kept sets, so the routed experts are the only capture to match.
+    raw_cap, ours_cap = raw_cfg.enable_return_routed_experts, mgr.cfg.enable_return_routed_experts
+    if raw_cap != ours_cap:
+        raise SystemExit(f"rollout bench: raw vLLM's routed-expert capture {raw_cap} != ours {ours_cap}")
     rates: dict[str, list[float]] = {"raw": [], "ours": []}
     for rep in range(a.reps + 1):  # rep 0 warms both up (every batch shape)
         for mode in (("raw", "ours") if rep % 2 else ("ours", "raw")):
