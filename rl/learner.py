@@ -58,10 +58,10 @@ class LearnerConfig:
     fsdp_wrap: str = "layer"
     gradient_checkpointing: bool = False  # recompute each decoder layer in backward (activation memory)
     # torch.compile with dynamic shapes: fuses the norms, rotary and activation (and their casts) into few kernels.
-    # One region per FSDP2 unit: each decoder layer under fsdp_wrap=layer, else the whole decoder stack (one call
-    # a forward instead of one per layer: the dense step is host-bound). The first step pays the compilation
-    # (training and no-grad forwards compile apart; a micro-batch of one sequence specialises once more); MoE
-    # routers run eagerly between graphs. The log-prob head's softmax passes compile too (rl.logprobs).
+    # The whole decoder stack is one region (one call a forward: the dense step is host-bound) unless FSDP2 wraps
+    # each layer or the layers have eager parts (MoE routers, DSA): then each layer (`_compile_regions`). The
+    # first step pays the compilation (training and no-grad forwards compile apart; a micro-batch of one sequence
+    # specialises once more). The log-prob head's softmax passes compile too (rl.logprobs).
     compile: bool = False
     loss: str = "grpo"  # a POLICY_LOSSES name: grpo | sft
     loss_cfg: algos.LossConfig = algos.LossConfig()
@@ -134,9 +134,9 @@ class Learner:
         routing = RoutingController(model)  # patch the routers before sharding wraps the layers
         if trainable and self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if self.cfg.compile:  # a compiled region per FSDP unit: dynamo does not trace FSDP2's hooks between units
-            per_layer = shard and self.cfg.fsdp_wrap == "layer"  # one graph shared by the layers (params are inputs)
-            for region in _decoder_layers(model) if per_layer else [getattr(model, model.base_model_prefix)]:
+        if self.cfg.compile:
+            for region in _compile_regions(model, per_fsdp_layer=shard and self.cfg.fsdp_wrap == "layer",
+                                           eager_parts=bool(routing.routers or getattr(model.config, "dsa", None))):
                 region.compile(dynamic=True)
         # One fp32 rank has nothing to shard: FSDP2 would only copy every parameter into unsharded
         # buffers at each forward and backward (measured: 0.75x TRL's tokens/s on a 0.4B model with it).
@@ -538,6 +538,17 @@ def _without_loss(mb: TrainBatch) -> TrainBatch:
 def _decoder_layers(model) -> list[torch.nn.Module]:
     base = getattr(model, model.base_model_prefix)
     return list(base.layers)
+
+
+def _compile_regions(model, per_fsdp_layer: bool, eager_parts: bool) -> list[torch.nn.Module]:
+    """What `compile` compiles: the whole decoder stack (one call a forward; the dense step is host-bound), or
+    each decoder layer (one graph shared by the layers: parameters are inputs) where the stack cannot be one
+    graph: FSDP2 units per layer (dynamo does not trace FSDP2's hooks between units), and layers with parts that
+    run eagerly (MoE routers, DSA's top-k): they break the stack's loop, where dynamo gives up on the frame, and
+    inside a checkpointed layer (which dynamo never traces) they would leave the whole layer uncompiled."""
+    if per_fsdp_layer or eager_parts:
+        return _decoder_layers(model)
+    return [getattr(model, model.base_model_prefix)]
 
 
 class ChunkedLogprobHead(torch.nn.Module):
