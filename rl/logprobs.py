@@ -103,18 +103,22 @@ def _exp_sums(logits: torch.Tensor, temperature: float):
     return x, m, e, e.sum(-1)
 
 
+def _lse(m: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    return torch.where(total > 0, m + torch.log(total), 0.0)  # 0 for an empty row, as the eager head
+
+
 def _row_lse(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Each row's log-normaliser `[n]` (0 for an empty row, as the eager head), in two reads of the row when
     compiled (its max, then the exp sum; nothing `[n, V]` stored)."""
     _, m, _, total = _exp_sums(logits, temperature)
-    return torch.where(total > 0, m + torch.log(total), 0.0)
+    return _lse(m, total)
 
 
 def _row_lse_entropy(logits: torch.Tensor, temperature: float):
     """(log-normaliser, entropy) `[n]`: `_row_lse` and lse - sum_v p_v * logit_v from the same pass (an empty
     row: 0 and 0, as the eager head)."""
     x, m, e, total = _exp_sums(logits, temperature)
-    lse = torch.where(total > 0, m + torch.log(total), 0.0)
+    lse = _lse(m, total)
     mean = torch.where(e > 0, e * x, 0.0).sum(-1) / total  # no 0 * -inf term outside a kept set
     return lse, torch.where(total > 0, lse - mean, 0.0)
 
@@ -141,11 +145,16 @@ def _compiled(fn):
     return _COMPILED[fn]
 
 
+def _fused(compiled: bool, sets) -> bool:
+    """Whether a chunk takes the compiled passes: under `compiled`, unless its kept sets are id-encoded."""
+    return compiled and (sets is None or sets[0] == "mask")
+
+
 def _chunk_stats(h, weight, ids, sets, temperature: float, want_stats: bool, compiled: bool):
     """One chunk's (token logit, log-normaliser, in_set or None, entropy or None, unmasked log-normaliser or
     None) `[n]`. Compiled (and no id-encoded sets): `_row_lse(_entropy)` on the matmul's output; else eager on fp32
     logits, which hold ~3 `[n, V]` fp32 temporaries at their peak."""
-    if compiled and (sets is None or sets[0] == "mask"):
+    if _fused(compiled, sets):
         logits = h @ weight.T  # the head's dtype, as HF's; upcast in the compiled passes
         tok = _upcast(logits.gather(-1, ids).squeeze(-1)) / temperature
         full = _compiled(_row_lse)(logits, temperature) if want_stats and sets is not None else None
@@ -170,7 +179,7 @@ def _chunk_stats(h, weight, ids, sets, temperature: float, want_stats: bool, com
 def _chunk_logit_grad(h, weight, ids, sets, lse, g, temperature: float, compiled: bool):
     """One chunk's gradient of sum_i g_i * logp_i with respect to its logits `[n, V]`, in `h`'s dtype
     (compiled: `_logit_grad` on the matmul's output; else built in place in the fp32 logits buffer)."""
-    if compiled and (sets is None or sets[0] == "mask"):
+    if _fused(compiled, sets):
         logits = h @ weight.T
         if sets is not None:
             g = g.masked_fill(~_kept_support(logits, ids, sets)[2], 0.0)  # a token outside its set: no gradient
