@@ -50,22 +50,27 @@ def _batch(B: int, P: int, C: int, vocab: int):
     return prompt, completion, old, adv
 
 
-def parse_variant(spec: str) -> tuple[str, bool, int | None, bool, bool]:
+def parse_variant(spec: str) -> tuple[str, bool, int | None, bool, bool, float]:
     """`ours`, `trl+gc` (gradient checkpointing), `ours+compile` (trainer.compile), `ours+model` (trainer.fsdp_wrap=
-    model: one FSDP2 unit; with --gpu), `ours+gc+compile@256` (log-prob chunk): (side, checkpointing, chunk,
-    compile, one FSDP unit)."""
+    model: one FSDP2 unit; with --gpu), `ours+compile+mem0.5` (trainer.activation_memory_budget),
+    `ours+gc+compile@256` (log-prob chunk): (side, checkpointing, chunk, compile, one FSDP unit, budget)."""
     spec, _, chunk = spec.partition("@")
     side, *flags = spec.split("+")
-    bad = side not in ("ours", "trl") or set(flags) - {"gc", "compile", "model"} or len(set(flags)) < len(flags)
-    if bad or (side == "trl" and (chunk or {"compile", "model"} & set(flags))):
-        raise SystemExit(f"--variants: bad variant {spec!r} (ours | trl, then +gc, then for ours +compile, +model and @CHUNK)")
-    return side, "gc" in flags, int(chunk) if chunk else None, "compile" in flags, "model" in flags
+    budgets = [f for f in flags if f.startswith("mem")]
+    rest = [f for f in flags if not f.startswith("mem")]
+    bad = (side not in ("ours", "trl") or set(rest) - {"gc", "compile", "model"} or len(set(flags)) < len(flags)
+           or len(budgets) > 1 or (budgets and "compile" not in rest))
+    if bad or (side == "trl" and (chunk or budgets or {"compile", "model"} & set(flags))):
+        raise SystemExit(f"--variants: bad variant {spec!r} (ours | trl, then +gc, then for ours +compile, +model, "
+                         "+memB with +compile, and @CHUNK)")
+    budget = float(budgets[0][3:]) if budgets else 1.0
+    return side, "gc" in flags, int(chunk) if chunk else None, "compile" in flags, "model" in flags, budget
 
 
 def run(variant: str, model_dir: str, B: int, P: int, C: int, reps: int, gpu: bool = False) -> dict:
     import torch
 
-    side, gc, chunk, compiled, one_unit = parse_variant(variant)
+    side, gc, chunk, compiled, one_unit, budget = parse_variant(variant)
     vocab = json.load(open(os.path.join(model_dir, "config.json")))["vocab_size"]
     prompt, completion, old, adv = _batch(B, P, C, vocab)
     if side == "ours":
@@ -73,7 +78,8 @@ def run(variant: str, model_dir: str, B: int, P: int, C: int, reps: int, gpu: bo
         from rollout.sample import Sample, Status
 
         learner = Learner(LearnerConfig(model=model_dir, micro_batch_size=B, keep_routing=False, gradient_checkpointing=gc,
-                                        compile=compiled, param_dtype="bfloat16" if gpu else "float32",
+                                        compile=compiled, activation_memory_budget=budget,
+                                        param_dtype="bfloat16" if gpu else "float32",
                                         fsdp_wrap="model" if one_unit else "layer",
                                         **({"logprob_chunk": chunk} if chunk else {})))
         samples = [Sample(prompt_ids=prompt[b].tolist(), response_ids=completion[b].tolist(), logprobs=old[b].tolist(),
@@ -150,7 +156,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1, help="TRL and ours processes alternated this many times each")
     p.add_argument("--variants", default="trl,ours",
                    help="processes per round, in order: ours | trl, +gc for gradient checkpointing (TRL's own default is "
-                        "on), +compile for our trainer.compile, +model for trainer.fsdp_wrap=model, @N for our log-prob chunk; "
+                        "on), +compile for our trainer.compile, +memB for its activation_memory_budget=B, +model for "
+                        "trainer.fsdp_wrap=model, @N for our log-prob chunk; "
                         "each ours variant is compared "
                         "with the last trl variant of the same checkpointing, e.g. trl,ours,trl+gc,ours+gc,ours+compile")
     p.add_argument("--gpu", action="store_true")

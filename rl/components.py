@@ -58,6 +58,7 @@ def learner_config(cfg: Config, model: str, kl_coefs: dict[str, float]):
         model=model, lr=trainer.lr, warmup_steps=trainer.warmup_steps, grad_clip=trainer.grad_clip,
         micro_batch_size=trainer.micro_batch_size, logprob_chunk=trainer.logprob_chunk, param_dtype=trainer.param_dtype,
         fsdp_wrap=trainer.fsdp_wrap, gradient_checkpointing=trainer.gradient_checkpointing, compile=trainer.compile,
+        activation_memory_budget=trainer.activation_memory_budget,
         loss=algo.name, loss_cfg=LossConfig(clip_eps=algo.clip_eps, clip_eps_high=algo.clip_eps_high,
                                             kl_estimator=algo.kl_estimator, opsm_delta=algo.opsm_delta,
                                             aggregation=algo.aggregation),

@@ -137,6 +137,9 @@ class TrainerConfig:
     fsdp_wrap: str = "layer"
     gradient_checkpointing: bool = False  # recompute decoder layers in backward (less activation memory)
     compile: bool = False  # torch.compile the decoder (a region per FSDP unit) and the log-prob head's softmax passes
+    # Under compile: the share of activations backward keeps; below 1 the compiled backward recomputes the cheapest ops
+    # (norms, activations) instead (no extra host calls, unlike gradient_checkpointing). 1.0: save all it needs
+    activation_memory_budget: float = 1.0
     world_size: int = 1  # learner ranks (processes)
     learner_cpus: float = 1.0
     learner_gpus: Optional[float] = None  # GPUs per learner rank; None: 1 on a GPU machine (0.5 with one GPU), else 0
@@ -424,6 +427,11 @@ def validate(cfg: Config) -> None:
     _check(trainer.param_dtype in ("auto", "float32", "bfloat16"), "trainer.param_dtype",
            f"auto | float32 | bfloat16, got {trainer.param_dtype!r}")
     _check(trainer.fsdp_wrap in ("layer", "model"), "trainer.fsdp_wrap", f"layer | model, got {trainer.fsdp_wrap!r}")
+    _check(0 < trainer.activation_memory_budget <= 1, "trainer.activation_memory_budget",
+           f"must be in (0, 1], got {trainer.activation_memory_budget}")
+    _check(trainer.compile or trainer.activation_memory_budget == 1, "trainer.activation_memory_budget",
+           f"{trainer.activation_memory_budget} acts through torch.compile's partitioner: set trainer.compile=true, "
+           "or use trainer.gradient_checkpointing=true without compile")
     _check(rollout.gpu_memory_utilization is None or 0 < rollout.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
            f"must be in (0, 1], got {rollout.gpu_memory_utilization}")
     _check(rollout.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", f"must be >= 1, got {rollout.tensor_parallel_size}")

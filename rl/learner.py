@@ -22,7 +22,7 @@ import math
 import os
 import random
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -63,6 +63,11 @@ class LearnerConfig:
     # first step pays the compilation (training and no-grad forwards compile apart; a micro-batch of one sequence
     # specialises once more). The log-prob head's softmax passes compile too (rl.logprobs).
     compile: bool = False
+    # Under `compile`: the share of each compiled region's activations that backward may keep (torch._functorch's
+    # activation_memory_budget, torchtitan's "memory_budget" mode). Below 1 the partitioner recomputes the cheapest
+    # ops (norms, activations, casts) inside the compiled backward instead of saving their outputs: no extra host
+    # calls, unlike gradient_checkpointing, which re-runs each layer's forward eagerly. 1.0 saves what it needs.
+    activation_memory_budget: float = 1.0
     loss: str = "grpo"  # a POLICY_LOSSES name: grpo | sft
     loss_cfg: algos.LossConfig = algos.LossConfig()
     keep_routing: bool = True  # replay the engine's experts (MoE)
@@ -190,6 +195,15 @@ class Learner:
         with routing.replay(routed) if self.cfg.keep_routing else routing.capture():
             yield routed
 
+    def _budget(self):
+        """The partitioner's activation budget while a forward compiles (it splits forward from backward then);
+        a context, not a process-wide setting, so that learners in one process keep their own."""
+        if not self.cfg.compile:
+            return nullcontext()
+        from torch._functorch import config as functorch_config
+
+        return functorch_config.patch(activation_memory_budget=self.cfg.activation_memory_budget)
+
     def _forward(self, model, routing, mb: TrainBatch, engine_samples: bool, routed, stats: bool = True):
         """Per-position log-probs `[B, T]` of the targets (differentiable) and their statistics: entropy and
         kept_mass `[B, T]` (None unless `stats`: they cost two passes over each chunk's logits), routing
@@ -202,8 +216,9 @@ class Learner:
         head.request = (mb.targets.to(self.device), kept, self.cfg.logprob_chunk,
                         self.cfg.temperature if engine_samples else 1.0, at, stats)
         try:
-            logp = model(input_ids=mb.input_ids.to(self.device), attention_mask=mb.attention_mask.to(self.device),
-                         use_cache=False).logits  # [B, T] via the head
+            with self._budget():
+                logp = model(input_ids=mb.input_ids.to(self.device), attention_mask=mb.attention_mask.to(self.device),
+                             use_cache=False).logits  # [B, T] via the head
         finally:
             head.request = None
         out = {"entropy": head.entropy, "kept_mass": head.kept_mass}

@@ -57,6 +57,9 @@ def test_every_group_option_composes(group, option, tiny_dense):
         (["trainer.param_dtype=fp8"], r"^trainer.param_dtype: auto \| float32 \| bfloat16"),
         (["trainer.save_every=-1"], r"^trainer.save_every: must be >= 0 \(0 = only at the end\)"),
         (["trainer.keep_checkpoints=0"], r"^trainer.keep_checkpoints: must be >= 1"),
+        (["trainer.activation_memory_budget=0"], r"^trainer.activation_memory_budget: must be in \(0, 1\]"),
+        (["trainer.activation_memory_budget=0.5"], r"^trainer.activation_memory_budget: 0.5 acts through torch.compile's "
+                                                   r"partitioner: set trainer.compile=true"),
         (["distill.specialists={math: /no/such/ckpt}"], r"^distill.specialists.math: '/no/such/ckpt' is neither 'rule', "
                                                         r"'data:<source>' nor a HF checkpoint directory"),
         (["rollout=vllm"], r"^algo.keep_routing: vLLM on CPU \(rollout.engine_gpus=0\) cannot capture the routed experts.*"

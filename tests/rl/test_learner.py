@@ -302,6 +302,32 @@ def test_compiled_regions_follow_the_fsdp_units(tiny_dense, tiny_moe):
             assert m[k] == pytest.approx(m_eager[k], rel=0.02, abs=1e-3), (key, k)
 
 
+def test_activation_memory_budget_recomputes_in_the_compiled_backward(tiny_dense):
+    """`activation_memory_budget` < 1 under `compile`: backward keeps fewer bytes of saved tensors (the
+    partitioner recomputes the cheap ops instead) for the same gradients (fp32: recomputation repeats the same
+    kernels), and the budget is the learner's own: the process-wide setting is left as it was."""
+    from torch._functorch import config as functorch_config
+
+    batch = _random_samples(3, 6, 14, seed=0)
+    runs = {}
+    for budget in (1.0, 0.3):
+        torch._dynamo.reset()
+        lrn = Learner(LearnerConfig(model=tiny_dense, compile=True, activation_memory_budget=budget))
+        lrn.accumulate_grads(batch, plan_step(batch, 1, 8))  # compiles
+        lrn.zero_grads()
+        saved, weights = [], {p.data_ptr() for p in lrn.model.parameters()}  # weights: saved, but no extra memory
+        keep = lambda t, saved=saved, weights=weights: saved.append(  # noqa: E731
+            0 if t.data_ptr() in weights else t.numel() * t.element_size()) or t
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            lrn.accumulate_grads(batch, plan_step(batch, 1, 8))
+        runs[budget] = sum(saved), full_grads(lrn)
+        assert functorch_config.activation_memory_budget == 1.0
+    torch._dynamo.reset()
+    assert runs[0.3][0] < 0.8 * runs[1.0][0], {b: r[0] for b, r in runs.items()}
+    for k, g in runs[1.0][1].items():
+        torch.testing.assert_close(runs[0.3][1][k], g, rtol=1e-5, atol=1e-7, msg=k)
+
+
 def test_one_fsdp_unit_gives_the_per_layer_step(tiny_moe, moe_samples, tmp_path):
     """`fsdp_wrap=model` (one FSDP2 unit: one gather and one reduction a micro-batch) against the per-layer
     units, bf16 mixed precision with the engine's experts replayed: the same casts and fp32 reductions, so the
