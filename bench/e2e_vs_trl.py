@@ -61,7 +61,11 @@ def run_ours(a, run_dir: Path) -> dict:
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     steps = [r for r in rows if "train/loss" in r]
     tokens = [r["rollout/response_length"] * a.prompts * a.n for r in steps]
-    return per_second(tokens, [r["time/step"] for r in steps], a.warmup)
+    out = per_second(tokens, [r["time/step"] for r in steps], a.warmup)
+    later = steps[a.warmup:]  # where the step goes (issue 19 item 3: scoring <= 10% of the step)
+    out["parts_s"] = {k: statistics.median(r[k] for r in later) for k in sorted(later[0]) if k.startswith("time/")}
+    out["score_share"] = statistics.median(r["time/score"] / r["time/step"] for r in later)
+    return out
 
 
 def trl_vllm_args(a, cfg) -> dict:
@@ -187,6 +191,8 @@ def main() -> None:
     for k, r in res.items():
         med, lo, hi = r["step_s"]
         print(f"  {k:4s}: {r['tokens_per_s']:10,.0f} trained tokens/s; step s median {med:.2f} [{lo:.2f}, {hi:.2f}] over {r['steps']}")
+    parts = ", ".join(f"{k[5:]} {v:.2f}" for k, v in res["ours"]["parts_s"].items())
+    print(f"  ours' step parts, median s: {parts}; scoring {res['ours']['score_share']:.1%} of the step (target <= 10%)")
     where = "one GPU, colocated" if a.colocate else "2 GPUs" if a.gpu else "CPU smoke test"
     print(f"  ratio ours / TRL ({where}): {res['ours']['tokens_per_s'] / res['trl']['tokens_per_s']:.2f}x (target >= 1.5x on 2 GPUs)")
     (Path(os.environ.get("OUT", work)) / "e2e_vs_trl.json").write_text(json.dumps(res, indent=1))
