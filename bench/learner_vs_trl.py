@@ -50,6 +50,16 @@ def _batch(B: int, P: int, C: int, vocab: int):
     return prompt, completion, old, adv
 
 
+def plain(variant: str) -> str:
+    """A variant as a plain file-name part (the device only returns plain names)."""
+    return variant.replace("+", "_").replace("@", "_at")
+
+
+def _tail(path: str, n: int = 3000) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()[-n:]
+
+
 def parse_variant(spec: str) -> tuple[str, bool, int | None, bool, bool, float]:
     """`ours`, `trl+gc` (gradient checkpointing), `ours+compile` (trainer.compile), `ours+model` (trainer.fsdp_wrap=
     model: one FSDP2 unit; with --gpu), `ours+compile+mem0.5` (trainer.activation_memory_budget),
@@ -111,7 +121,12 @@ def run(variant: str, model_dir: str, B: int, P: int, C: int, reps: int, gpu: bo
                 loss = trainer._compute_loss(model, inputs)
             loss.backward()
             model.zero_grad(set_to_none=True)
-    step()  # warm-up
+    t0 = time.perf_counter()
+    step()  # warm-up (and compilation)
+    if gpu:
+        torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    print(f"{variant}: first step (warm-up, compile) {first:.1f} s", file=sys.stderr, flush=True)
     if gpu:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated() / 2**20
@@ -125,6 +140,7 @@ def run(variant: str, model_dir: str, B: int, P: int, C: int, reps: int, gpu: bo
         if gpu:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+        print(f"{variant}: step {times[-1]:.3f} s", file=sys.stderr, flush=True)
     if os.environ.get("BENCH_PROFILE"):  # one more step under the profiler: the top ops by device (CPU: host) time
         from torch.profiler import ProfilerActivity, profile
 
@@ -133,12 +149,12 @@ def run(variant: str, model_dir: str, B: int, P: int, C: int, reps: int, gpu: bo
             if gpu:
                 torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="cuda_time_total" if gpu else "cpu_time_total", row_limit=25)
-        name = f"profile_{variant.replace('+', '_').replace('@', '_at')}_{os.path.basename(model_dir)}.txt"  # plain names
+        name = f"profile_{plain(variant)}_{os.path.basename(model_dir)}.txt"
         with open(os.path.join(os.environ["BENCH_PROFILE"], name), "w") as f:
             f.write(table)
     dt = statistics.median(times)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024) - base
-    res = {"tokens_per_s": B * (P + C) / dt, "seconds": dt, "step_s": times, "peak_extra_mb": peak}
+    res = {"tokens_per_s": B * (P + C) / dt, "seconds": dt, "first_step_s": first, "step_s": times, "peak_extra_mb": peak}
     if gpu and side == "ours":  # which weight-gradient accumulation the head used (rl.logprobs._accumulate)
         from rl.logprobs import _has_out_dtype_addmm
 
@@ -163,6 +179,7 @@ def main() -> None:
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the tiny tokenizer's 1,030); "
                    "151936 is Qwen3's, where the chunked head matters")
+    p.add_argument("--timeout", type=int, default=300, help="seconds per variant process (then the next one runs)")
     p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:
@@ -183,13 +200,22 @@ def main() -> None:
         for variant in variants * a.rounds:
             cmd = [sys.executable, __file__, "--one", variant, model_dir, "--batch", str(a.batch), "--prompt-len",
                    str(a.prompt_len), "--completion-len", str(a.completion_len), "--reps", str(a.reps)] + ["--gpu"] * a.gpu
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            # The child's stderr goes to a file as it runs: a variant that hangs past --timeout leaves its log,
+            # and the next variants still run.
+            log = os.path.join(os.environ.get("BENCH_PROFILE") or model_dir, f"log_{plain(variant)}_{name}.txt")
+            try:
+                with open(log, "w") as err:
+                    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, timeout=a.timeout)
+            except subprocess.TimeoutExpired:
+                print(f"  {name:10s} {variant:10s}: timed out after {a.timeout} s; its log ({log}) ends:\n"
+                      + _tail(log), flush=True)
+                continue
             if out.returncode != 0:
-                raise SystemExit(f"{variant} failed:\n{out.stderr[-3000:]}")
+                raise SystemExit(f"{variant} failed:\n{_tail(log)}")
             res[variant] = r = json.loads(out.stdout.strip().splitlines()[-1])
             st = r["step_s"]
             print(f"  {name:10s} {variant:10s}: {r['tokens_per_s']:8.1f} tok/s (step s median {spread(st)} of {len(st)}), "
-                  f"peak extra {r['peak_extra_mb']:7.0f} MB"
+                  f"peak extra {r['peak_extra_mb']:7.0f} MB, first step {r['first_step_s']:.0f} s"
                   + (f", bf16->fp32 addmm {r['fp32_out_addmm']}" if "fp32_out_addmm" in r else ""), flush=True)
             side, gc, *_ = parse_variant(variant)
             trl = "trl+gc" if gc else "trl"  # the baseline: TRL with the same checkpointing

@@ -136,7 +136,7 @@ class TrainerConfig:
     # model was 1.29x faster on a compiled 0.4B step for +0.7 GB (bench/README.md): pick it at world 1 when it fits
     fsdp_wrap: str = "layer"
     gradient_checkpointing: bool = False  # recompute decoder layers in backward (less activation memory)
-    compile: bool = False  # torch.compile the decoder (a region per FSDP unit) and the log-prob head's softmax passes
+    compile: bool = False  # torch.compile each decoder layer and the log-prob head's softmax passes
     # Under compile: the share of activations backward keeps; below 1 the compiled backward recomputes the cheapest ops
     # (norms, activations) instead (no extra host calls, unlike gradient_checkpointing). 1.0: save all it needs
     activation_memory_budget: float = 1.0

@@ -58,12 +58,13 @@ class LearnerConfig:
     fsdp_wrap: str = "layer"
     gradient_checkpointing: bool = False  # recompute each decoder layer in backward (activation memory)
     # torch.compile with dynamic shapes: fuses the norms, rotary and activation (and their casts) into few kernels.
-    # The whole decoder stack is one region (one call a forward: the dense step is host-bound) unless FSDP2 wraps
-    # each layer or the layers have eager parts (MoE routers, DSA): then each layer (`_compile_regions`). The
+    # Each decoder layer is a region (one graph shared by the layers: parameters are its inputs). Not the whole
+    # stack: tracing 24 layers with symbolic shapes under bf16 FSDP2 did not end in 7 minutes on an H200 (sympy
+    # min/max simplification that grows with depth; bench/README.md), and MoE routers and DSA run eagerly. The
     # first step pays the compilation (training and no-grad forwards compile apart; a micro-batch of one sequence
     # specialises once more). The log-prob head's softmax passes compile too (rl.logprobs).
     compile: bool = False
-    # Under `compile`: the share of each compiled region's activations that backward may keep (torch._functorch's
+    # Under `compile`: the share of each compiled layer's activations that backward may keep (torch._functorch's
     # activation_memory_budget, torchtitan's "memory_budget" mode). Below 1 the partitioner recomputes the cheapest
     # ops (norms, activations, casts) inside the compiled backward instead of saving their outputs: no extra host
     # calls, unlike gradient_checkpointing, which re-runs each layer's forward eagerly. 1.0 saves what it needs.
@@ -140,9 +141,8 @@ class Learner:
         if trainable and self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.cfg.compile:
-            for region in _compile_regions(model, per_fsdp_layer=shard and self.cfg.fsdp_wrap == "layer",
-                                           eager_parts=bool(routing.routers or getattr(model.config, "dsa", None))):
-                region.compile(dynamic=True)
+            for layer in _decoder_layers(model):
+                layer.compile(dynamic=True)
         # One fp32 rank has nothing to shard: FSDP2 would only copy every parameter into unsharded
         # buffers at each forward and backward (measured: 0.75x TRL's tokens/s on a 0.4B model with it).
         if shard:
@@ -553,17 +553,6 @@ def _without_loss(mb: TrainBatch) -> TrainBatch:
 def _decoder_layers(model) -> list[torch.nn.Module]:
     base = getattr(model, model.base_model_prefix)
     return list(base.layers)
-
-
-def _compile_regions(model, per_fsdp_layer: bool, eager_parts: bool) -> list[torch.nn.Module]:
-    """What `compile` compiles: the whole decoder stack (one call a forward; the dense step is host-bound), or
-    each decoder layer (one graph shared by the layers: parameters are inputs) where the stack cannot be one
-    graph: FSDP2 units per layer (dynamo does not trace FSDP2's hooks between units), and layers with parts that
-    run eagerly (MoE routers, DSA's top-k): they break the stack's loop, where dynamo gives up on the frame, and
-    inside a checkpointed layer (which dynamo never traces) they would leave the whole layer uncompiled."""
-    if per_fsdp_layer or eager_parts:
-        return _decoder_layers(model)
-    return [getattr(model, model.base_model_prefix)]
 
 
 class ChunkedLogprobHead(torch.nn.Module):

@@ -251,13 +251,13 @@ def _random_samples(B: int, P: int, R: int, seed: int) -> list:
                    loss_mask=[1] * (R - b), status=Status.COMPLETED, advantage=float(b % 2) - 0.5) for b in range(B)]
 
 
-def test_compiled_regions_follow_the_fsdp_units(tiny_dense, tiny_moe):
-    """`compile` under bf16 FSDP2: the whole decoder stack is one region under fsdp_wrap=model (one call a forward:
-    the host-bound dense step), each layer under fsdp_wrap=layer and in an MoE (its eager routers would break the
-    stack's graph, and leave checkpointed layers uncompiled). The dense regions, with and without gradient
-    checkpointing, give the eager step's gradients and metrics (bf16: compiled fusion moves them ~2% of each
-    gradient's largest entry, the tolerance is 5%: this catches a region that drops or zeroes gradients; the
-    head's exact values are test_logprobs' compiled-vs-eager test), and a new batch shape compiles nothing."""
+def test_compiled_layers_give_the_eager_step(tiny_dense, tiny_moe):
+    """`compile` under bf16 FSDP2 compiles each decoder layer, and nothing else of the decoder (the whole stack
+    traced with symbolic shapes did not finish on the GPU), also for an MoE under one FSDP2 unit. Per-layer and
+    one-unit FSDP2, with and without gradient checkpointing, give the eager step's gradients and metrics (bf16:
+    compiled fusion moves them ~2% of each gradient's largest entry, the tolerance is 5%: this catches a layer that
+    drops or zeroes gradients; the head's exact values are test_logprobs' compiled-vs-eager test), and a new batch
+    shape compiles nothing."""
     from torch._dynamo.utils import counters
 
     def regions(lrn):
@@ -282,7 +282,7 @@ def test_compiled_regions_follow_the_fsdp_units(tiny_dense, tiny_moe):
         lrn = Learner(LearnerConfig(model=tiny_dense, param_dtype="bfloat16", fsdp_wrap=wrap, compile=compiled,
                                     gradient_checkpointing=ckpt))
         stack, layers = regions(lrn)
-        assert stack == (compiled and wrap == "model") and layers == [compiled and wrap == "layer"] * len(layers)
+        assert not stack and layers == [compiled] * len(layers)
         for batch in batches:
             metrics = lrn.accumulate_grads(batch, plan_step(batch, 1, 8))
         runs[wrap, compiled, ckpt] = (full_grads(lrn), metric_means(metrics))
