@@ -43,12 +43,12 @@ for s in "$@"; do
     faults) stage faults "${T_FAULTS:-540}" python3 bench/gpu_faults.py ${FAULT_ARGS:-} & ;;
     trl) BENCH_PROFILE=$out CUDA_VISIBLE_DEVICES=0 stage trl "${T_TRL:-400}" python3 bench/learner_vs_trl.py --gpu --models dense0.4b,moe0.85b \
            --batch 8 --prompt-len 256 --completion-len 1024 --vocab 151936 --reps 5 --rounds ${TRL_ROUNDS:-1} \
-           --variants ${TRL_VARIANTS:-trl,ours,trl+gc,ours+gc,ours@256} ;;
+           --variants ${TRL_VARIANTS:-trl,ours,trl+gc,ours+gc,ours@256} --timeout ${TRL_TIMEOUT:-300} ;;
     head) CUDA_VISIBLE_DEVICES=0 stage head "${T_HEAD:-300}" python3 bench/token_logprobs.py --gpu --batch 8 --seq 1024 \
             --vocab 151936 --hidden 1024 --chunk 1024 --variants chunked,compiled --reps 5 --rounds 5 ;;  # the head alone
     e2e_trl) stage e2e_trl "${T_E2E:-580}" python3 bench/e2e_vs_trl.py --gpu --steps 25 --prompts 32 --n 8 --max-tokens 256 \
                '~rewards.math.language' ;;  # TRL's server mode runs `vllm serve`: stage uvicorn and its kin too (untried)
-    e2e_trl1) stage e2e_trl1 "${T_E2E1:-580}" python3 bench/e2e_vs_trl.py --gpu --colocate --steps 25 --prompts 32 --n 8 \
+    e2e_trl1) stage e2e_trl1 "${T_E2E1:-580}" python3 bench/e2e_vs_trl.py --gpu --colocate --steps ${E2E_STEPS:-25} --prompts 32 --n 8 \
                 --max-tokens 256 '~rewards.math.language' ;;  # one GPU: TRL's colocated vLLM vs ours sharing the GPU
     modes) stage modes "${T_MODES:-570}" python3 bench/e2e_modes.py --steps ${MODES_STEPS:-25} rollout=vllm rollout.engine_gpus=1 \
              trainer.learner_gpus=1 '~rewards.math.language' ${MODES_ARGS:-} ;;
