@@ -197,7 +197,9 @@ class Learner:
 
     def _budget(self):
         """The partitioner's activation budget while a forward compiles (it splits forward from backward then);
-        a context, not a process-wide setting, so that learners in one process keep their own."""
+        a context, not a process-wide setting, which would reach other compiled code of the process. Not covered:
+        two learners with different budgets in one process share the layers' compiled graphs (dynamo caches them by
+        code, and does not guard on this setting), so the first to compile sets the budget for both."""
         if not self.cfg.compile:
             return nullcontext()
         from torch._functorch import config as functorch_config
