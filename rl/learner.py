@@ -196,8 +196,9 @@ class Learner:
             yield routed
 
     def _budget(self):
-        """The partitioner's activation budget while a forward compiles (it splits forward from backward then);
-        a context, not a process-wide setting, which would reach other compiled code of the process. Not covered:
+        """The partitioner's activation budget while a training forward (the loss's, DSA's warm-up) compiles: it
+        splits forward from backward then. A context, not a process-wide setting, which would reach other compiled
+        code of the process. Not covered:
         two learners with different budgets in one process share the layers' compiled graphs (dynamo caches them by
         code, and does not guard on this setting), so the first to compile sets the budget for both."""
         if not self.cfg.compile:
@@ -296,7 +297,9 @@ class Learner:
         try:
             for n, p in self.model.named_parameters():
                 p.requires_grad_(".indexer." in n)
-            self.model(input_ids=batch.input_ids.to(self.device), attention_mask=batch.attention_mask.to(self.device), use_cache=False)
+            with self._budget():  # a training forward too: the layers may compile here first
+                self.model(input_ids=batch.input_ids.to(self.device), attention_mask=batch.attention_mask.to(self.device),
+                           use_cache=False)
             loss = DSA_LOSSES.get("dense_warmup")(layer_states(self.model), batch.attention_mask.to(self.device) > 0)
             loss.backward()
             self._warmup_opt.step()
