@@ -2,12 +2,14 @@
 
 Both compute the GRPO loss with the engine's log-probs as pi_old and back-propagate (forward + backward, no
 optimiser step), on the same prompts/completions/advantages. Ours: `rl.learner.Learner` (FSDP2, world
-size 1, gloo, chunked log-probs). TRL: `GRPOTrainer._compute_loss` (its fused LM head log-probs). Each
+size 1, chunked log-probs), its settings built as the driver builds them (`load_config` with the variant's
+overrides, then `rl.components.learner_config`; `ours_overrides`). TRL: `GRPOTrainer._compute_loss` (its fused LM head log-probs). Each
 variant runs in a fresh process; peak memory = peak RSS minus RSS after the model is loaded. CPU, fp32.
 `--gpu`: one GPU, bf16 compute with fp32 master weights on both sides (ours: FSDP2 mixed precision; TRL:
 `bf16=True`, the step under its accelerator's autocast), peak memory = `torch.cuda.max_memory_allocated`
 minus the allocation after the model is loaded. `BENCH_PROFILE=DIR`: one more step per variant under
-torch.profiler, its top ops written to DIR/profile_<variant>_<model dir>.txt.
+torch.profiler, its top ops written to DIR/profile_<variant>_<model dir>.txt, its device-busy share to the
+variant's log; with `BENCH_TRACE=1` also its timeline (.json.gz, chrome://tracing).
 
     pip install trl==1.16.0   # bench-only dependency
     python bench/learner_vs_trl.py [--models dense0.4b,tiny_moe] [--batch 4] [--prompt-len 64] [--completion-len 128] [--vocab V] [--gpu]
@@ -77,21 +79,31 @@ def parse_variant(spec: str) -> tuple[str, bool, int | None, bool, bool, float]:
     return side, "gc" in flags, int(chunk) if chunk else None, "compile" in flags, "model" in flags, budget
 
 
+def ours_overrides(variant: str, B: int, gpu: bool) -> list[str]:
+    """The rl.train overrides of an `ours` variant: one micro-batch of B, bf16 on the GPU, no routing replay
+    (the bench's samples carry no routed experts, and TRL replays none)."""
+    _, gc, chunk, compiled, one_unit, budget = parse_variant(variant)
+    return [f"trainer.micro_batch_size={B}", f"trainer.param_dtype={'bfloat16' if gpu else 'float32'}",
+            f"trainer.gradient_checkpointing={str(gc).lower()}", f"trainer.compile={str(compiled).lower()}",
+            f"trainer.activation_memory_budget={budget}", f"trainer.fsdp_wrap={'model' if one_unit else 'layer'}",
+            "algo.keep_routing=false", "algo.keep_sampling_mask=false"] + ([f"trainer.logprob_chunk={chunk}"] if chunk else [])
+
+
 def run(variant: str, model_dir: str, B: int, P: int, C: int, reps: int, gpu: bool = False) -> dict:
     import torch
 
-    side, gc, chunk, compiled, one_unit, budget = parse_variant(variant)
+    side, gc, *_ = parse_variant(variant)
     vocab = json.load(open(os.path.join(model_dir, "config.json")))["vocab_size"]
     prompt, completion, old, adv = _batch(B, P, C, vocab)
     if side == "ours":
-        from rl.learner import Learner, LearnerConfig, plan_step
+        from rl.components import learner_config
+        from rl.config import load_config
+        from rl.learner import Learner, plan_step
         from rollout.sample import Sample, Status
 
-        learner = Learner(LearnerConfig(model=model_dir, micro_batch_size=B, keep_routing=False, gradient_checkpointing=gc,
-                                        compile=compiled, activation_memory_budget=budget,
-                                        param_dtype="bfloat16" if gpu else "float32",
-                                        fsdp_wrap="model" if one_unit else "layer",
-                                        **({"logprob_chunk": chunk} if chunk else {})))
+        # Through the driver's config path (what `python -m rl.train ... <overrides>` builds), beta 0 as TRL's.
+        cfg = load_config(ours_overrides(variant, B, gpu), gpus=int(gpu))
+        learner = Learner(learner_config(cfg, model_dir, kl_coefs={}))
         samples = [Sample(prompt_ids=prompt[b].tolist(), response_ids=completion[b].tolist(), logprobs=old[b].tolist(),
                           loss_mask=[1] * C, status=Status.COMPLETED, advantage=float(adv[b])) for b in range(B)]
         totals = plan_step(samples, 1, B)
@@ -145,13 +157,22 @@ def run(variant: str, model_dir: str, B: int, P: int, C: int, reps: int, gpu: bo
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * gpu) as prof:
+            t0 = time.perf_counter()
             step()
             if gpu:
                 torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+        if gpu:  # the device's kernel time over the (profiled) step's wall time: < 1 where the GPU waits for the host
+            busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+            print(f"{variant}: profiled step {wall:.3f} s, device busy {busy:.3f} s ({busy / wall:.0%})", file=sys.stderr, flush=True)
         table = prof.key_averages().table(sort_by="cuda_time_total" if gpu else "cpu_time_total", row_limit=25)
-        name = f"profile_{plain(variant)}_{os.path.basename(model_dir)}.txt"
-        with open(os.path.join(os.environ["BENCH_PROFILE"], name), "w") as f:
+        name = f"profile_{plain(variant)}_{os.path.basename(model_dir)}"
+        with open(os.path.join(os.environ["BENCH_PROFILE"], name + ".txt"), "w") as f:
             f.write(table)
+        if os.environ.get("BENCH_TRACE"):  # the timeline (where the device waits for the host), gzipped
+            trace = os.path.join(os.environ["BENCH_PROFILE"], name + ".json")
+            prof.export_chrome_trace(trace)
+            subprocess.run(["gzip", "-f", trace], check=True)
     dt = statistics.median(times)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024) - base
     res = {"tokens_per_s": B * (P + C) / dt, "seconds": dt, "first_step_s": first, "step_s": times, "peak_extra_mb": peak}

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from rewards.registry import Registry
+from rl.batch import to_device
 from rl.logprobs import token_logprobs  # noqa: F401  (public API re-export)
 
 ADVANTAGES: Registry = Registry("advantage estimator")
@@ -178,13 +179,14 @@ def agg_seq_mean_token_sum_norm(per_token: torch.Tensor, mask: torch.Tensor, tot
     return (per_token * mask).sum() / max(totals.num_seqs * totals.max_len, 1)
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
-    """Mean of `x` over the loss tokens (a metric: a float, no gradient)."""
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `x` over the loss tokens: a metric, so no gradient, and a 0-dim tensor on x's device rather than a
+    float (reading it would wait for the forward: the learner reads a step's metrics once, after its backwards)."""
     m = mask.to(x.dtype)
-    return float((x.detach() * m).sum() / m.sum().clamp(min=1))
+    return (x.detach() * m).sum() / m.sum().clamp(min=1)
 
 
-def mismatch_kl(logp: torch.Tensor, logp_old: torch.Tensor, mask: torch.Tensor) -> float:
+def mismatch_kl(logp: torch.Tensor, logp_old: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Train-vs-engine mismatch: the k3 estimate of KL(pi_old || pi_theta) per loss token (samples come
     from pi_old). 0 when the learner reproduces the engine's sampling distribution exactly."""
     d = torch.where(mask > 0, logp.detach() - logp_old, torch.zeros_like(logp_old))
@@ -202,13 +204,14 @@ class LossInputs:
     logp_old: torch.Tensor | None = None  # [B, L] the engine's sampling log-probs (losses with uses_engine_samples)
     logp_ref: torch.Tensor | None = None  # [B, L] reference log-probs; None when no sequence has beta != 0
     advantages: torch.Tensor | None = None  # [B]
-    kl_coef: torch.Tensor | float = 0.0  # beta, a float or per sequence [B] (per-domain betas)
+    kl_coef: torch.Tensor | float = 0.0  # beta, a float or per sequence [B] (per-domain betas; on the host, so that
+    # the loss can tell whether any is non-zero without waiting for the device)
 
 
 @dataclass(frozen=True)
 class LossOutputs:
     loss: torch.Tensor  # scalar: this batch's share of the step's loss
-    metrics: dict[str, float]  # means over this batch's loss tokens
+    metrics: dict[str, torch.Tensor | float]  # means over this batch's loss tokens (0-dim tensors: see masked_mean)
 
 
 @dataclass(frozen=True)
@@ -270,8 +273,9 @@ def grpo_loss(x: LossInputs, cfg: LossConfig = LossConfig()) -> LossOutputs:
     per_token = -surr * seq_mask[:, None]
 
     kl = zero
-    beta = torch.as_tensor(x.kl_coef, dtype=logp.dtype, device=logp.device)
+    beta = torch.as_tensor(x.kl_coef, dtype=logp.dtype)
     if bool((beta != 0).any()):
+        beta = to_device(beta, logp.device)
         if logp_ref is None:
             raise ValueError("grpo_loss: kl_coef != 0 needs logp_ref (the reference model's log-probs)")
         safe = lambda t: torch.where(on, t, logp.detach())  # noqa: E731  padding -> KL 0, ratio 1
@@ -284,7 +288,7 @@ def grpo_loss(x: LossInputs, cfg: LossConfig = LossConfig()) -> LossOutputs:
     metrics = {
         "clip_frac": masked_mean(clipped.to(logp.dtype), mask),
         "kl": masked_mean(kl, mask),
-        "opsm_masked_frac": float(1 - seq_mask.mean()) if seq_mask.numel() else 0.0,
+        "opsm_masked_frac": (1 - seq_mask.mean()) if seq_mask.numel() else 0.0,
         "ratio_mean": masked_mean(ratio, mask),
         "mismatch_kl": mismatch_kl(logp, logp_old, mask),
     }

@@ -15,6 +15,17 @@ import torch
 from rollout.sample import Sample
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """`t` on `device`, queued behind the device's work instead of waiting for it. A host-to-GPU copy from
+    pageable memory synchronises (torch waits for the stream): mid-step, that leaves the GPU idle while the
+    host catches up. A pinned copy with non_blocking does not; torch's pinned-memory cache keeps the buffer
+    until the copy has run."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass(frozen=True)
 class TrainBatch:
     input_ids: torch.Tensor  # [B, T] right-padded
@@ -121,19 +132,19 @@ class KeptBatch:
         i, j = torch.searchsorted(self.pos, bounds).tolist()
         has = torch.zeros(e - s, dtype=torch.bool)
         has[self.pos[i:j] - s] = True
-        return "ids", padded.to(device), has.to(device)
+        return "ids", to_device(padded, device), to_device(has, device)
 
     def dense(self, s: int, e: int, device) -> torch.Tensor:
         """Boolean `[e - s, V]` mask of positions `[s, e)`: True = kept (or no set recorded)."""
         bounds = torch.tensor([s, e])
         mask = torch.ones(e - s, self.vocab_size, dtype=torch.bool, device=device)
         i, j = torch.searchsorted(self.pos, bounds).tolist()
-        mask[(self.pos[i:j] - s).to(device)] = False
+        mask[to_device(self.pos[i:j] - s, device)] = False
         i, j = torch.searchsorted(self.id_pos, bounds).tolist()
-        mask[(self.id_pos[i:j] - s).to(device), self.ids[i:j].to(device).long()] = True
+        mask[to_device(self.id_pos[i:j] - s, device), to_device(self.ids[i:j].long(), device)] = True
         i, j = torch.searchsorted(self.bit_pos, bounds).tolist()
         if j > i:
-            packed = self.bits[i:j].to(device)
+            packed = to_device(self.bits[i:j], device)
             shifts = torch.arange(8, dtype=torch.uint8, device=device)
             unpacked = ((packed[:, :, None] >> shifts) & 1).bool().reshape(j - i, -1)[:, : self.vocab_size]
             mask[(self.bit_pos[i:j] - s).to(device)] = unpacked

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from rl import algos
-from rl.batch import TrainBatch, collate, split
+from rl.batch import TrainBatch, collate, split, to_device
 from rl.dsa import DSA_LOSSES, layer_states
 from rollout.dsa import attention_modules, keep_for_loss, maybe_install_dsa
 from rollout.routing import RoutingController
@@ -191,7 +191,7 @@ class Learner:
         if not (engine_samples and mb.routed_experts is not None and routing.is_moe):
             yield None
             return
-        routed = mb.routed_experts.reshape(-1, *mb.routed_experts.shape[2:]).to(self.device)
+        routed = to_device(mb.routed_experts.reshape(-1, *mb.routed_experts.shape[2:]), self.device)
         with routing.replay(routed) if self.cfg.keep_routing else routing.capture():
             yield routed
 
@@ -215,12 +215,12 @@ class Learner:
         kept = mb.kept if (engine_samples and self.cfg.keep_sampling_mask) else None
         # Only the loss's positions (responses; LossInputs leaves the others free): the head is the step's
         # largest cost at a 150k vocabulary, and prompts are often a fifth of the tokens or more.
-        at = (mb.loss_mask.reshape(-1) > 0).nonzero().squeeze(1).to(self.device)
-        head.request = (mb.targets.to(self.device), kept, self.cfg.logprob_chunk,
+        at = to_device((mb.loss_mask.reshape(-1) > 0).nonzero().squeeze(1), self.device)
+        head.request = (to_device(mb.targets, self.device), kept, self.cfg.logprob_chunk,
                         self.cfg.temperature if engine_samples else 1.0, at, stats)
         try:
             with self._budget():
-                logp = model(input_ids=mb.input_ids.to(self.device), attention_mask=mb.attention_mask.to(self.device),
+                logp = model(input_ids=to_device(mb.input_ids, self.device), attention_mask=to_device(mb.attention_mask, self.device),
                              use_cache=False).logits  # [B, T] via the head
         finally:
             head.request = None
@@ -342,37 +342,39 @@ class Learner:
         want_refs = [False] * len(micro)
         if spec.needs_reference and self.ref is not None:  # the same on every rank: no collective otherwise
             want_refs = self._any_rank([bool((mb.kl_coef != 0).any()) for mb in micro])
-        sums: dict[str, list[float]] = {}
+        # Metrics stay on the device until every backward is queued (`_host_sums`): reading one mid-step would
+        # leave the GPU idle while the host catches up.
+        sums: dict[str, list] = {}
+        dev = lambda t: to_device(t, self.device)  # noqa: E731
         for mb, want_ref in zip(micro, want_refs):
-            mask = mb.loss_mask.to(self.device)
-            kl_coef = mb.kl_coef.to(self.device)
+            mask = dev(mb.loss_mask)
             logp_ref = self._ref_logprobs(mb) if want_ref else None
             with self._routing(self.routing, mb, engine) as routed:
                 logp, stats = self._forward(self.model, self.routing, mb, engine, routed)
-                out = spec.fn(algos.LossInputs(logp, mask, plan.totals, logp_old=mb.logp_old.to(self.device),
-                                               logp_ref=logp_ref, advantages=mb.advantages.to(self.device),
-                                               kl_coef=kl_coef), cfg.loss_cfg)
+                out = spec.fn(algos.LossInputs(logp, mask, plan.totals, logp_old=dev(mb.logp_old), logp_ref=logp_ref,
+                                               advantages=dev(mb.advantages), kl_coef=mb.kl_coef), cfg.loss_cfg)
                 loss, metrics = out.loss, dict(out.metrics)
                 if cfg.dsa_loss:
-                    idx_loss = DSA_LOSSES.get(cfg.dsa_loss)(layer_states(self.model), mb.attention_mask.to(self.device) > 0)
+                    idx_loss = DSA_LOSSES.get(cfg.dsa_loss)(layer_states(self.model), dev(mb.attention_mask) > 0)
                     # A per-micro-batch mean: weight it by the micro-batch's share of the step's sequences.
                     loss = loss + cfg.dsa_loss_coef * idx_loss * (mb.input_ids.shape[0] / plan.totals.num_seqs)
-                    metrics["dsa_indexer_kl"] = idx_loss.item()
+                    metrics["dsa_indexer_kl"] = idx_loss.detach()
                 (loss * self.world_size).backward()  # FSDP2 averages gradients over ranks: undo it
             metrics["entropy"] = algos.masked_mean(stats["entropy"], mask)
             if mb.kept is not None and engine and cfg.keep_sampling_mask:
                 metrics["kept_mass"] = algos.masked_mean(stats["kept_mass"], mask)
             if "routing_agreement" in stats:
                 metrics["routing_agreement"] = stats["routing_agreement"]
-            n_tok = float(mask.sum())
+            n_tok = float(mb.loss_mask.sum())  # on the host
             for k, v in metrics.items():  # (token-weighted sum, tokens) per metric, over micro-batches and ranks
                 acc = sums.setdefault(k, [0.0, 0.0])
-                acc[0] += v * n_tok
+                acc[0] = acc[0] + (v.detach() if torch.is_tensor(v) else v) * n_tok
                 acc[1] += n_tok
-            sums.setdefault("loss", [0.0, 1.0])[0] += loss.item()  # already normalised by the step's totals: a sum
+            acc = sums.setdefault("loss", [0.0, 1.0])  # already normalised by the step's totals: a sum
+            acc[0] = acc[0] + loss.detach()
         if cfg.dsa_loss:
             keep_for_loss(self.model, False)
-        return sums
+        return _host_sums(sums, self.device)
 
     def _any_rank(self, flags: list[bool]) -> list[bool]:
         """Per position, whether any rank's flag is set (one all-reduce; the ranks pass equally long lists)."""
@@ -608,6 +610,18 @@ def _set_rng_state(s: dict) -> None:
 class StepPlan:
     totals: algos.StepTotals  # the loss normalisers over all samples of the step (before the split over ranks)
     num_micro: int  # micro-batches every rank runs (the busiest rank's count; FSDP needs equal counts)
+
+
+def _host_sums(sums: dict[str, list], device) -> dict[str, list[float]]:
+    """`sums` with its device tensors read in one transfer (one wait for the device, after the step's backwards)."""
+    where = [(k, i) for k, v in sums.items() for i in (0, 1) if torch.is_tensor(v[i])]
+    if not where:
+        return sums
+    values = torch.stack([to_device(sums[k][i].double().reshape(()), device) for k, i in where]).tolist()
+    out = {k: list(v) for k, v in sums.items()}
+    for (k, i), x in zip(where, values):
+        out[k][i] = x
+    return out
 
 
 def metric_means(sums: dict[str, list[float]]) -> dict[str, float]:

@@ -71,14 +71,15 @@ class RoutingController:
         finally:
             self.mode, self._replay = "off", None
 
-    def agreement(self, replayed: torch.Tensor, mask: torch.Tensor | None = None) -> float:
-        """Fraction of (position, layer) where the training router's own top-k set equals the replayed set."""
+    def agreement(self, replayed: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Fraction of (position, layer) where the training router's own top-k set equals the replayed set: a
+        0-dim tensor on the router's device (read on the host once per step, with the step's other metrics)."""
         own = torch.stack(self.own_topk, 1).sort(-1).values  # [N, layers, k]
         same = (own == replayed.to(own.device).long().sort(-1).values).all(-1).float()  # [N, layers]
         if mask is not None:
             m = mask.reshape(-1, 1).float().to(own.device)
-            return float((same * m).sum() / (m.sum() * same.shape[1]).clamp(min=1))
-        return float(same.mean())
+            return (same * m).sum() / (m.sum() * same.shape[1]).clamp(min=1)
+        return same.mean()
 
 
 # trainer.compile: the router runs eagerly between the layer's graphs (traced, its layer index would be a

@@ -18,7 +18,8 @@ def _grpo(logp, logp_old, logp_ref, adv, mask, *, kl_coef=0.0, totals=None, **cf
     x = algos.LossInputs(logp, mask, totals or algos.StepTotals.of(mask), logp_old=logp_old, logp_ref=logp_ref,
                          advantages=adv, kl_coef=kl_coef)
     out = grpo_loss(x, algos.LossConfig(**cfg))
-    return out.loss, out.metrics
+    assert all(torch.is_tensor(v) and v.dim() == 0 and not v.requires_grad for v in out.metrics.values() if not isinstance(v, float))
+    return out.loss, {k: float(v) for k, v in out.metrics.items()}  # 0-dim tensors: the learner reads them once a step
 
 # ----------------------------------------------------------------------------------------- advantages
 def test_advantages_golden():
@@ -237,7 +238,7 @@ def test_sft_loss_is_token_mean_nll():
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     out = algos.POLICY_LOSSES.get("sft").fn(algos.LossInputs(logp, mask, algos.StepTotals.of(mask)))
     loss, m = out.loss, out.metrics
-    assert loss.item() == pytest.approx(2.0) and m["nll"] == pytest.approx(2.0)
+    assert loss.item() == pytest.approx(2.0) and float(m["nll"]) == pytest.approx(2.0)
 
 
 # -------------------------------------------------------------------------------------- registries

@@ -172,3 +172,26 @@ def test_options_may_come_between_overrides():
 
     a = cli_parser("x").parse_args(["--config-name", "quickstart", "a=1", "--config-dir", "/cfg", "b=2"])
     assert (a.config_name, a.config_dir, a.overrides) == ("quickstart", "/cfg", ["a=1", "b=2"])
+
+
+@pytest.mark.parametrize("gpus", [0, 1])
+def test_learner_bench_builds_through_the_config_path(gpus, tiny_dense):
+    """bench/learner_vs_trl.py's `ours` variants are what `rl.train <overrides>` would build: their overrides load,
+    validate, and reach the LearnerConfig."""
+    import importlib.util
+
+    from rl.components import learner_config
+
+    path = Path(__file__).parents[2] / "bench" / "learner_vs_trl.py"
+    spec = importlib.util.spec_from_file_location("learner_vs_trl", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.remove(str(path.parent))
+    cfg = load_config(bench.ours_overrides("ours+gc+model+compile+mem0.4@256", 8, bool(gpus)), gpus=gpus)
+    lc = learner_config(cfg, str(tiny_dense), kl_coefs={})
+    assert (lc.micro_batch_size, lc.gradient_checkpointing, lc.compile, lc.activation_memory_budget, lc.fsdp_wrap,
+            lc.logprob_chunk) == (8, True, True, 0.4, "model", 256)
+    assert lc.param_dtype == ("bfloat16" if gpus else "float32") and not lc.keep_routing and not lc.keep_sampling_mask
