@@ -13,6 +13,7 @@
 #   bash bench/gpu_session.sh modes                # async vs sync through rl.train (bench/e2e_modes.py)
 #   bash bench/gpu_session.sh modes1 compile       # on one GPU (nvidia-h200): the same, engine and learner sharing
 #                                                  # the GPU; rl.train with trainer.compile=true
+# trl: TRL_MODELS, TRL_VARIANTS, TRL_ROUNDS, TRL_TIMEOUT (BENCH_TRACE=1: timelines too).
 # Extra arguments per stage: SYNC_ARGS, ROLLOUT_ARGS, DRIVER_ARGS, MODES_ARGS, ABL_ARGS, FAULT_ARGS; limits: T_<STAGE>
 # (vLLM's start plus a Ray actor's take ~140 s: keep limits of stages that start engines at 400 s or more).
 # modes1/compile: MODES_STEPS, COMPILE_STEPS, COMPILE_ARGS; limits T_MODES1, T_COMPILE.
@@ -41,7 +42,7 @@ for s in "$@"; do
                --max-tokens 128 --reps 5 rollout.gpu_memory_utilization=0.4 ${ROLLOUT_ARGS:-} ;;
     ablations) stage ablations "${T_ABL:-540}" python3 bench/ablations.py ${ABL_ARGS:-} --out "$out" & ;;
     faults) stage faults "${T_FAULTS:-540}" python3 bench/gpu_faults.py ${FAULT_ARGS:-} & ;;
-    trl) BENCH_PROFILE=$out CUDA_VISIBLE_DEVICES=0 stage trl "${T_TRL:-400}" python3 bench/learner_vs_trl.py --gpu --models dense0.4b,moe0.85b \
+    trl) BENCH_PROFILE=$out CUDA_VISIBLE_DEVICES=0 stage trl "${T_TRL:-400}" python3 bench/learner_vs_trl.py --gpu --models ${TRL_MODELS:-dense0.4b,moe0.85b} \
            --batch 8 --prompt-len 256 --completion-len 1024 --vocab 151936 --reps 5 --rounds ${TRL_ROUNDS:-1} \
            --variants ${TRL_VARIANTS:-trl,ours,trl+gc,ours+gc,ours@256} --timeout ${TRL_TIMEOUT:-300} ;;
     head) CUDA_VISIBLE_DEVICES=0 stage head "${T_HEAD:-300}" python3 bench/token_logprobs.py --gpu --batch 8 --seq 1024 \
