@@ -163,7 +163,10 @@ def run(variant: str, model_dir: str, B: int, P: int, C: int, reps: int, gpu: bo
                 torch.cuda.synchronize()
             wall = time.perf_counter() - t0
         if gpu:  # the device's kernel time over the (profiled) step's wall time: < 1 where the GPU waits for the host
-            busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+            from torch.autograd import DeviceType  # kernels and copies only (as the table's total): not FSDP's annotations
+
+            busy = sum(e.self_device_time_total for e in prof.key_averages()
+                       if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e6
             print(f"{variant}: profiled step {wall:.3f} s, device busy {busy:.3f} s ({busy / wall:.0%})", file=sys.stderr, flush=True)
         table = prof.key_averages().table(sort_by="cuda_time_total" if gpu else "cpu_time_total", row_limit=25)
         name = f"profile_{plain(variant)}_{os.path.basename(model_dir)}"

@@ -146,6 +146,7 @@ class Learner:
         # One fp32 rank has nothing to shard: FSDP2 would only copy every parameter into unsharded
         # buffers at each forward and backward (measured: 0.75x TRL's tokens/s on a 0.4B model with it).
         if shard:
+            _flat_grad_copy_in_at_one_rank()
             mp = MixedPrecisionPolicy(param_dtype=getattr(torch, self.cfg.param_dtype), reduce_dtype=torch.float32)
             if self.cfg.fsdp_wrap == "layer":
                 for layer in _decoder_layers(model):
@@ -555,6 +556,29 @@ def _without_loss(mb: TrainBatch) -> TrainBatch:
     from dataclasses import replace
 
     return replace(mb, loss_mask=torch.zeros_like(mb.loss_mask), kl_coef=torch.zeros_like(mb.kl_coef))  # no reference forward for it
+
+
+def _flat_grad_copy_in_at_one_rank() -> None:
+    """After each unit's backward, FSDP2 copies its gradients into one reduce-scatter buffer with `fsdp.chunk_cat`.
+    On CUDA that op builds its block table on the host, one entry per 2 KB of gradient, before it launches: about
+    20 ms of host time for the 0.4B dense model as one unit, with the GPU idle (its timeline in bench/README.md).
+    With one rank the buffer is the gradients flattened end to end (no padding, one chunk), so one foreach copy
+    fills it: host time per tensor, not per byte. Other world sizes keep FSDP's copy. Idempotent (a process may
+    build several learners)."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives as fc
+
+    chunk_cat_copy_in = fc.foreach_reduce_scatter_copy_in
+    if getattr(chunk_cat_copy_in, "flat_at_one_rank", False):
+        return
+
+    def copy_in(unsharded_grads: list[torch.Tensor], reduce_scatter_input: torch.Tensor, world_size: int) -> None:
+        sizes = [g.numel() for g in unsharded_grads]
+        if world_size != 1 or sum(sizes) != reduce_scatter_input.numel():
+            return chunk_cat_copy_in(unsharded_grads, reduce_scatter_input, world_size)
+        torch._foreach_copy_(list(reduce_scatter_input.split(sizes)), [g.reshape(-1) for g in unsharded_grads])
+
+    copy_in.flat_at_one_rank, copy_in.chunk_cat = True, chunk_cat_copy_in
+    fc.foreach_reduce_scatter_copy_in = copy_in
 
 
 def _decoder_layers(model) -> list[torch.nn.Module]:

@@ -414,3 +414,33 @@ def test_resume_before_the_first_optimizer_step_trains_like_the_uninterrupted_le
         lrn.train_step(copy.deepcopy(batch), plan_step(batch, 1, 8))
     after = resumed.model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in first.model.state_dict().items())
+
+
+def test_one_rank_gradient_copy_in_equals_fsdp_chunk_cat():
+    """The world-size-1 copy-in (a foreach copy) fills FSDP2's reduce-scatter buffer exactly as its chunk_cat does,
+    casting bf16 gradients into the fp32 buffer; other world sizes still go to chunk_cat."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives as fc
+
+    from rl.learner import _flat_grad_copy_in_at_one_rank
+
+    current = fc.foreach_reduce_scatter_copy_in  # patched already if this process built a bf16 learner
+    original = fc.foreach_reduce_scatter_copy_in = getattr(current, "chunk_cat", current)
+    _flat_grad_copy_in_at_one_rank()
+    _flat_grad_copy_in_at_one_rank()  # idempotent: wraps once
+    patched = fc.foreach_reduce_scatter_copy_in
+    try:
+        assert patched is not original and getattr(patched, "flat_at_one_rank", False)
+        g = torch.Generator().manual_seed(0)
+        grads = [torch.randn(*s, generator=g).to(torch.bfloat16) for s in [(7, 5), (3,), (4, 2, 3), (1, 1)]]
+        n = sum(t.numel() for t in grads)
+        ours, theirs = torch.full((n,), float("nan")), torch.full((n,), float("nan"))
+        patched(grads, ours, 1)
+        original(grads, theirs, 1)
+        assert torch.equal(ours, theirs) and torch.equal(ours, torch.cat([t.reshape(-1).float() for t in grads]))
+        even = [torch.randn(4, 3, generator=g), torch.randn(2, 5, generator=g)]
+        ours, theirs = torch.zeros(22), torch.zeros(22)
+        patched(even, ours, 2)
+        original(even, theirs, 2)
+        assert torch.equal(ours, theirs)
+    finally:
+        fc.foreach_reduce_scatter_copy_in = current
