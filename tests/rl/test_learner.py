@@ -444,3 +444,39 @@ def test_one_rank_gradient_copy_in_equals_fsdp_chunk_cat():
         assert torch.equal(ours, theirs)
     finally:
         fc.foreach_reduce_scatter_copy_in = current
+
+
+def test_one_rank_in_place_reduce_gives_fsdps_gradients(tiny_moe, moe_samples):
+    """At one rank every FSDP unit's reduce-scatter hands back its input buffer (no second fp32 copy of the
+    gradients): the gradients are views of one buffer per unit, and equal FSDP's own reduction's to the bit, over
+    two micro-batches (the second accumulates) and after an optimiser step."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
+
+    forced = _forced_routing(moe_samples[:4], seed=3)
+    runs = []
+    for in_place in (True, False):
+        lrn = Learner(LearnerConfig(model=tiny_moe, temperature=SAMPLING.temperature, param_dtype="bfloat16",
+                                    fsdp_wrap="model", micro_batch_size=2))
+        if not in_place:
+            for m in lrn.model.modules():
+                if isinstance(m, FSDPModule):
+                    m.set_custom_reduce_scatter(DefaultReduceScatter())
+        else:
+            comm = lrn.model._get_fsdp_state()._fsdp_param_groups[0]._reduce_scatter_comm
+            given, allocate = [], comm.allocate
+            comm.allocate = lambda *a, given=given, allocate=allocate, **k: given.append(allocate(*a, **k)) or given[-1]
+            lrn.accumulate_grads(forced[:2], plan_step(forced[:2], 1, 2))  # one micro-batch: input, then output
+            assert len(given) == 2 and given[1].data_ptr() == given[0].data_ptr()
+            grads = {p.grad.to_local().untyped_storage().data_ptr() for p in lrn.model.parameters() if p.grad is not None}
+            assert grads == {given[0].untyped_storage().data_ptr()}
+            comm.allocate = allocate
+            lrn.zero_grads()
+        metrics = metric_means(lrn.accumulate_grads(forced, plan_step(forced, 1, 2)))
+        grads = full_grads(lrn)
+        lrn.zero_grads()
+        lrn.train_step(forced, plan_step(forced, 1, 2))
+        runs.append((grads, metrics, lrn.full_state_dict()))
+    (g1, m1, w1), (g2, m2, w2) = runs
+    assert m1 == m2 and g1.keys() == g2.keys() and all(torch.equal(g1[k], g2[k]) for k in g1)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
