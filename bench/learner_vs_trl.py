@@ -216,7 +216,7 @@ def main() -> None:
     for name in a.models.split(","):
         kind, shape = SHAPES[name]
         shape = {**shape, **({"vocab_size": a.vocab} if a.vocab else {})}
-        model_dir = str(build_tiny_model(kind, tempfile.mkdtemp(prefix="bench-trl-"), seed=0, **shape))
+        model_dir = str(build_tiny_model(kind, tempfile.mkdtemp(prefix=f"bench-trl-{name}-"), seed=0, **shape))
         variants = a.variants.split(",")
         for v in variants:
             parse_variant(v)
