@@ -328,6 +328,16 @@ def test_activation_memory_budget_recomputes_in_the_compiled_backward(tiny_dense
         torch.testing.assert_close(runs[0.3][1][k], g, rtol=1e-5, atol=1e-7, msg=k)
 
 
+def _grads_metrics_then_step(lrn, samples, micro_batch_size: int):
+    """(full gradients, metrics) of one accumulation, then the weights after an optimiser step on the samples."""
+    plan = plan_step(samples, 1, micro_batch_size)
+    metrics = metric_means(lrn.accumulate_grads(samples, plan))
+    grads = full_grads(lrn)
+    lrn.zero_grads()
+    lrn.train_step(samples, plan)
+    return grads, metrics, lrn.full_state_dict()
+
+
 def test_one_fsdp_unit_gives_the_per_layer_step(tiny_moe, moe_samples, tmp_path):
     """`fsdp_wrap=model` (one FSDP2 unit: one gather and one reduction a micro-batch) against the per-layer
     units, bf16 mixed precision with the engine's experts replayed: the same casts and fp32 reductions, so the
@@ -341,11 +351,7 @@ def test_one_fsdp_unit_gives_the_per_layer_step(tiny_moe, moe_samples, tmp_path)
         lrn = Learner(cfg(wrap))
         units = sum(hasattr(m, "reshard") for m in lrn.model.modules())  # FSDP2 modules
         assert units == (1 if wrap == "model" else 1 + lrn.model.config.num_hidden_layers)
-        metrics = metric_means(lrn.accumulate_grads(forced, plan_step(forced, 1, 4)))
-        grads = full_grads(lrn)
-        lrn.zero_grads()
-        lrn.train_step(forced, plan_step(forced, 1, 4))
-        runs.append((grads, metrics, lrn.full_state_dict()))
+        runs.append(_grads_metrics_then_step(lrn, forced, 4))
     (g1, m1, w1), (g2, m2, w2) = runs
     assert g1.keys() == g2.keys() and m1 == m2 and w1.keys() == w2.keys()
     for k in g1:
@@ -472,11 +478,7 @@ def test_one_rank_in_place_reduce_gives_fsdps_gradients(tiny_moe, moe_samples):
             assert grads == {given[0].untyped_storage().data_ptr()}
             comm.allocate = allocate
             lrn.zero_grads()
-        metrics = metric_means(lrn.accumulate_grads(forced, plan_step(forced, 1, 2)))
-        grads = full_grads(lrn)
-        lrn.zero_grads()
-        lrn.train_step(forced, plan_step(forced, 1, 2))
-        runs.append((grads, metrics, lrn.full_state_dict()))
+        runs.append(_grads_metrics_then_step(lrn, forced, 2))
     (g1, m1, w1), (g2, m2, w2) = runs
     assert m1 == m2 and g1.keys() == g2.keys() and all(torch.equal(g1[k], g2[k]) for k in g1)
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
