@@ -21,7 +21,7 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     host catches up. A pinned copy with non_blocking does not; torch's pinned-memory cache keeps the buffer
     until the copy has run."""
     device = torch.device(device)
-    if device.type != "cuda" or t.device.type != "cpu":
+    if device.type != "cuda" or t.device.type != "cpu" or t.numel() == 0:
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 
@@ -147,7 +147,7 @@ class KeptBatch:
             packed = to_device(self.bits[i:j], device)
             shifts = torch.arange(8, dtype=torch.uint8, device=device)
             unpacked = ((packed[:, :, None] >> shifts) & 1).bool().reshape(j - i, -1)[:, : self.vocab_size]
-            mask[(self.bit_pos[i:j] - s).to(device)] = unpacked
+            mask[to_device(self.bit_pos[i:j] - s, device)] = unpacked
         return mask
 
     @property

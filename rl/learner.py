@@ -22,6 +22,7 @@ import math
 import os
 import random
 import shutil
+import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -231,7 +232,7 @@ class Learner:
         if routed is not None:
             if routing.mode == "capture":
                 routing.own_topk = list(routing.take_captured()[0].long().unbind(1))
-            out["routing_agreement"] = routing.agreement(routed, mb.loss_mask)
+            out["routing_agreement"] = routing.agreement(routed, to_device(mb.loss_mask, self.device))
         return logp, out
 
     @torch.no_grad()
@@ -598,16 +599,28 @@ def _reduce_in_place_at_one_rank(model) -> None:
 
     class InPlace(ReduceScatter):
         def __init__(self):
-            self.pending: torch.Tensor | None = None
+            # The input buffer (weakly: FSDP holds it while it asks for the output; a torch whose reduction asks
+            # only for an output must not have it kept alive here) and the stream it was allocated on.
+            self.pending: tuple[weakref.ref, object] | None = None
 
         def allocate(self, size, *, dtype, device) -> torch.Tensor:
-            """FSDP asks for the input, then for the output of the same numel: hand the input back once."""
-            buf, self.pending = self.pending, None
-            numel = math.prod(int(n) for n in size)
-            if buf is not None and buf.numel() == numel and buf.dtype == dtype and buf.device == torch.device(device):
+            """FSDP asks for the input (on the compute stream), then for the output of the same numel (on its
+            reduce-scatter stream): hand the input back once, as the output."""
+            device = torch.device(device)
+            stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+            pending, self.pending = self.pending, None
+            buf, made_on = (pending[0](), pending[1]) if pending is not None else (None, None)
+            if (buf is not None and buf.numel() == math.prod(int(n) for n in size) and buf.dtype == dtype
+                    and buf.device == device and (stream is None or stream != made_on)):  # not a second input
+                if stream is not None:
+                    # From the second micro-batch FSDP accumulates this buffer into the gradients on the
+                    # reduce-scatter stream and may drop it before that has run: keep its memory from being
+                    # reused on the compute stream until then (FSDP's own output comes from that stream's pool).
+                    buf.record_stream(stream)
                 return buf.view(*size)
-            self.pending = torch.empty(*size, dtype=dtype, device=device)
-            return self.pending
+            buf = torch.empty(*size, dtype=dtype, device=device)
+            self.pending = (weakref.ref(buf), stream)
+            return buf
 
         def __call__(self, output_tensor, input_tensor, group=None, op=None, async_op=False):
             if output_tensor.data_ptr() != input_tensor.data_ptr():  # one rank: the sum is the input

@@ -452,10 +452,11 @@ def test_one_rank_gradient_copy_in_equals_fsdp_chunk_cat():
         fc.foreach_reduce_scatter_copy_in = current
 
 
-def test_one_rank_in_place_reduce_gives_fsdps_gradients(tiny_moe, moe_samples):
+@pytest.mark.parametrize("wrap", ["model", "layer"])
+def test_one_rank_in_place_reduce_gives_fsdps_gradients(tiny_moe, moe_samples, wrap):
     """At one rank every FSDP unit's reduce-scatter hands back its input buffer (no second fp32 copy of the
     gradients): the gradients are views of one buffer per unit, and equal FSDP's own reduction's to the bit, over
-    two micro-batches (the second accumulates) and after an optimiser step."""
+    two micro-batches (the second accumulates) and after an optimiser step, for one unit and a unit per layer."""
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
 
@@ -463,12 +464,12 @@ def test_one_rank_in_place_reduce_gives_fsdps_gradients(tiny_moe, moe_samples):
     runs = []
     for in_place in (True, False):
         lrn = Learner(LearnerConfig(model=tiny_moe, temperature=SAMPLING.temperature, param_dtype="bfloat16",
-                                    fsdp_wrap="model", micro_batch_size=2))
+                                    fsdp_wrap=wrap, micro_batch_size=2))
         if not in_place:
             for m in lrn.model.modules():
                 if isinstance(m, FSDPModule):
                     m.set_custom_reduce_scatter(DefaultReduceScatter())
-        else:
+        elif wrap == "model":
             comm = lrn.model._get_fsdp_state()._fsdp_param_groups[0]._reduce_scatter_comm
             given, allocate = [], comm.allocate
             comm.allocate = lambda *a, given=given, allocate=allocate, **k: given.append(allocate(*a, **k)) or given[-1]
