@@ -745,11 +745,22 @@ class LearnerGroup:
                 raise LearnerFailure(f"the learner's placement group ({world_size} x {bundle}, {placement}) was not "
                                      f"placed in {placement_timeout_s:.0f} s: no node offers these resources")
             at = [PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r) for r in range(world_size)]
-            addr, port = ray.get(ray.remote(num_cpus=0)(_rendezvous).options(scheduling_strategy=at[0]).remote())
             cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources)(Learner)
-            self.actors = [cls.options(scheduling_strategy=at[r]).remote(cfg, r, world_size, port, addr)
-                           for r in range(world_size)]
-            ray.get([a.__ray_ready__.remote() for a in self.actors])
+            for attempt in range(3):
+                addr, port = ray.get(ray.remote(num_cpus=0)(_rendezvous).options(scheduling_strategy=at[0]).remote())
+                self.actors = [cls.options(scheduling_strategy=at[r]).remote(cfg, r, world_size, port, addr)
+                               for r in range(world_size)]
+                try:
+                    ray.get([a.__ray_ready__.remote() for a in self.actors])
+                    break
+                except ray.exceptions.RayActorError as exc:
+                    # The port was free when _rendezvous looked and taken before rank 0 listened on it (another
+                    # process on the node, Ray's own workers): meet on another port. Any other failure is final.
+                    if attempt == 2 or "EADDRINUSE" not in str(exc):
+                        raise
+                    for a in self.actors:
+                        ray.kill(a)
+                    self.actors = []
         except BaseException:
             self.kill()
             raise
