@@ -154,7 +154,8 @@ class Learner:
             elif self.cfg.fsdp_wrap != "model":
                 raise ValueError(f"fsdp_wrap: layer | model, got {self.cfg.fsdp_wrap!r}")
             fully_shard(model, mp_policy=mp)
-            if self.world_size == 1:  # FSDP2 reduces there by copying twice: a flat copy-in, no copy-out
+            if self.world_size == 1:  # FSDP2 casts and reduces there tensor by tensor, or copying twice
+                _unshard_with_one_cast_at_one_rank()
                 _flat_grad_copy_in_at_one_rank()
                 _reduce_in_place_at_one_rank(model)
             model.to_empty(device=self.device)
@@ -559,6 +560,60 @@ def _without_loss(mb: TrainBatch) -> TrainBatch:
     from dataclasses import replace
 
     return replace(mb, loss_mask=torch.zeros_like(mb.loss_mask), kl_coef=torch.zeros_like(mb.kl_coef))  # no reference forward for it
+
+
+def _unshard_with_one_cast_at_one_rank() -> None:
+    """At one rank FSDP2 "unshards" a unit parameter by parameter: each fp32 parameter is cast into a new bf16
+    tensor, then copied into its unsharded buffer. That is two kernels and tens of microseconds of host time per
+    parameter, before every forward and every backward: 267 parameters of the 0.4B dense model as one unit took
+    10-23 ms of host time a pass for 2 ms of kernels, with the GPU waiting (bench/README.md). Instead every buffer of
+    the unit is filled by one foreach copy (it casts), and FSDP's own loop is handed the filled buffers as its
+    inputs: it then copies each buffer onto itself, which torch skips. Parameters with FSDP extensions, CPU offload
+    or a post-forward shard keep FSDP's path, as do other world sizes. Idempotent (a process may build several
+    learners)."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam, ShardedState, alloc_storage
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    if getattr(FSDPParamGroup, "one_cast_at_one_rank", False):  # installed (and maybe taken back by a test)
+        return
+    fsdp_unshard = FSDPParamGroup.wait_for_unshard
+    fsdp_inputs = FSDPParam.all_gather_inputs  # a property: the cast parameter
+
+    def all_gather_inputs(param) -> list[torch.Tensor]:
+        filled = param.__dict__.get("_filled_at_one_rank")
+        return [filled] if filled is not None else fsdp_inputs.fget(param)
+
+    def plain(param) -> bool:
+        return (param.sharded_state == ShardedState.SHARDED and not param.offload_to_cpu
+                and not hasattr(param._sharded_local_tensor, "fsdp_pre_all_gather"))
+
+    def wait_for_unshard(group) -> None:
+        params, result = group.fsdp_params, group._all_gather_result
+        sharded = hasattr(group.mesh_info, "shard_process_group")  # FSDP's test: an FSDP mesh, else world size 1
+        world = group._all_gather_process_group.size() if sharded else 1
+        if result is None or result.all_gather_work is not None or world != 1 or not all(plain(p) for p in params):
+            return fsdp_unshard(group)
+        bufs = []
+        for p in params:
+            p.init_all_gather_outputs([p._sharded_param_data.numel()], [p.param_dtype or p.orig_dtype], 1, group.device)
+            alloc_storage(p.all_gather_outputs[0])
+            bufs.append(p.all_gather_outputs[0])
+        # The buffers may be saved for backward (the unsharded parameters are views of them): refilling them with
+        # the same weights must not look like a mutation to autograd, as in FSDP's own copy.
+        with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(tuple(bufs)):
+            torch._foreach_copy_(bufs, [p._sharded_param_data for p in params])
+        try:
+            for p, buf in zip(params, bufs):
+                p.__dict__["_filled_at_one_rank"] = buf
+            return fsdp_unshard(group)
+        finally:
+            for p in params:
+                p.__dict__.pop("_filled_at_one_rank", None)
+
+    wait_for_unshard.fsdp = fsdp_unshard
+    FSDPParamGroup.one_cast_at_one_rank = True
+    FSDPParam.all_gather_inputs = property(all_gather_inputs)
+    FSDPParamGroup.wait_for_unshard = wait_for_unshard
 
 
 def _flat_grad_copy_in_at_one_rank() -> None:

@@ -453,6 +453,42 @@ def test_one_rank_gradient_copy_in_equals_fsdp_chunk_cat():
 
 
 @pytest.mark.parametrize("wrap", ["model", "layer"])
+def test_one_rank_unshard_with_one_cast_gives_fsdps_step(tiny_moe, moe_samples, wrap):
+    """At one rank the unshard fills every unsharded bf16 buffer with one foreach copy and FSDP's own loop copies
+    each onto itself: the same gradients, metrics and weights as FSDP's per-parameter casts, to the bit, over two
+    micro-batches and an optimiser step (a unit per layer unshards again in backward, where the forward saved the
+    buffers: a version bump there would fail the backward); and the foreach path is the one taken."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    from rl.learner import _unshard_with_one_cast_at_one_rank
+
+    forced = _forced_routing(moe_samples[:4], seed=4)
+    cfg = LearnerConfig(model=tiny_moe, temperature=SAMPLING.temperature, param_dtype="bfloat16", fsdp_wrap=wrap,
+                        micro_batch_size=2)
+    _unshard_with_one_cast_at_one_rank()  # as any bf16 learner installs it; idempotent
+    patched_unshard, patched_inputs = FSDPParamGroup.wait_for_unshard, FSDPParam.all_gather_inputs
+    assert FSDPParamGroup.one_cast_at_one_rank and patched_unshard.fsdp is not patched_unshard
+    _unshard_with_one_cast_at_one_rank()
+    assert FSDPParamGroup.wait_for_unshard is patched_unshard
+    filled = {True: [], False: []}  # per learner: was each parameter's input a prefilled buffer?
+    runs = []
+    try:
+        for one_cast in (True, False):
+            if not one_cast:  # FSDP's own unshard for the second learner
+                FSDPParamGroup.wait_for_unshard = patched_unshard.fsdp
+            FSDPParam.all_gather_inputs = property(
+                lambda p, seen=filled[one_cast]: seen.append("_filled_at_one_rank" in p.__dict__) or patched_inputs.fget(p))
+            runs.append(_grads_metrics_then_step(Learner(cfg), forced, 2))
+    finally:
+        FSDPParamGroup.wait_for_unshard, FSDPParam.all_gather_inputs = patched_unshard, patched_inputs
+    assert any(filled[True]) and filled[False] and not any(filled[False])
+    (g1, m1, w1), (g2, m2, w2) = runs
+    assert m1 == m2 and g1.keys() == g2.keys() and all(torch.equal(g1[k], g2[k]) for k in g1)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+@pytest.mark.parametrize("wrap", ["model", "layer"])
 def test_one_rank_in_place_reduce_gives_fsdps_gradients(tiny_moe, moe_samples, wrap):
     """At one rank every FSDP unit's reduce-scatter hands back its input buffer (no second fp32 copy of the
     gradients): the gradients are views of one buffer per unit, and equal FSDP's own reduction's to the bit, over
