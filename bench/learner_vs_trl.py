@@ -4,10 +4,13 @@ Both compute the GRPO loss with the engine's log-probs as pi_old and back-propag
 optimiser step), on the same prompts/completions/advantages. Ours: `rl.learner.Learner` (FSDP2, world
 size 1, chunked log-probs), its settings built as the driver builds them (`load_config` with the variant's
 overrides, then `rl.components.learner_config`; `ours_overrides`). TRL: `GRPOTrainer._compute_loss` (its fused LM head log-probs). Each
-variant runs in a fresh process; peak memory = peak RSS minus RSS after the model is loaded. CPU, fp32.
+variant runs in its own process, started once and warmed up (compiled); then `--rounds` rounds give each variant
+`--reps` timed steps in turn, so a ratio is taken round by round between steps run back to back (the median of
+the rounds' ratios is printed with its min and max). Peak memory = peak RSS minus RSS after the warm-up step,
+over all rounds. CPU, fp32.
 `--gpu`: one GPU, bf16 compute with fp32 master weights on both sides (ours: FSDP2 mixed precision; TRL:
 `bf16=True`, the step under its accelerator's autocast), peak memory = `torch.cuda.max_memory_allocated`
-minus the allocation after the model is loaded. `BENCH_PROFILE=DIR`: one more step per variant under
+minus the allocation after the warm-up step. `BENCH_PROFILE=DIR`: one more step per variant, after the rounds, under
 torch.profiler, its top ops written to DIR/profile_<variant>_<model dir>.txt, its device-busy share to the
 variant's log; with `BENCH_TRACE=1` also its timeline (.json.gz, chrome://tracing).
 
@@ -89,7 +92,8 @@ def ours_overrides(variant: str, B: int, gpu: bool) -> list[str]:
             "algo.keep_routing=false", "algo.keep_sampling_mask=false"] + ([f"trainer.logprob_chunk={chunk}"] if chunk else [])
 
 
-def run(variant: str, model_dir: str, B: int, P: int, C: int, reps: int, gpu: bool = False) -> dict:
+def _setup(variant: str, model_dir: str, B: int, P: int, C: int, gpu: bool):
+    """The variant's model and one step (forward + backward of the GRPO loss, gradients dropped)."""
     import torch
 
     side, gc, *_ = parse_variant(variant)
@@ -107,32 +111,51 @@ def run(variant: str, model_dir: str, B: int, P: int, C: int, reps: int, gpu: bo
         samples = [Sample(prompt_ids=prompt[b].tolist(), response_ids=completion[b].tolist(), logprobs=old[b].tolist(),
                           loss_mask=[1] * C, status=Status.COMPLETED, advantage=float(adv[b])) for b in range(B)]
         totals = plan_step(samples, 1, B)
-        step = lambda: (learner.accumulate_grads(samples, totals), learner.zero_grads())  # noqa: E731
-    else:
-        from datasets import Dataset
-        from trl import GRPOConfig, GRPOTrainer
+        return lambda: (learner.accumulate_grads(samples, totals), learner.zero_grads())
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
 
-        args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=B, num_generations=B, beta=0.0, loss_type="grpo",
-                          use_cpu=not gpu, bf16=gpu, report_to=[], max_completion_length=C, logging_steps=1000,
-                          gradient_checkpointing=gc)
-        trainer = GRPOTrainer(model=model_dir, reward_funcs=[lambda completions, **k: [0.0] * len(completions)],
-                              args=args, train_dataset=Dataset.from_list([{"prompt": "x"}] * B))
-        model, dev = trainer.model, trainer.accelerator.device
-        model.train()  # as Trainer.train() leaves it (checkpointing only acts in training mode)
-        trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(); the train-mode loss reads it
-        if gc:  # what Trainer.train() does for `gradient_checkpointing`; calling _compute_loss directly skips it
-            kwargs = args.gradient_checkpointing_kwargs or {"use_reentrant": False}
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        inputs = {"prompt_ids": prompt, "prompt_mask": torch.ones_like(prompt), "completion_ids": completion,
-                  "completion_mask": torch.ones_like(completion), "advantages": adv, "old_per_token_logps": old,
-                  "num_items_in_batch": torch.tensor(float(B * C))}
-        inputs = {k: v.to(dev) for k, v in inputs.items()}
+    args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=B, num_generations=B, beta=0.0, loss_type="grpo",
+                      use_cpu=not gpu, bf16=gpu, report_to=[], max_completion_length=C, logging_steps=1000,
+                      gradient_checkpointing=gc)
+    trainer = GRPOTrainer(model=model_dir, reward_funcs=[lambda completions, **k: [0.0] * len(completions)],
+                          args=args, train_dataset=Dataset.from_list([{"prompt": "x"}] * B))
+    model, dev = trainer.model, trainer.accelerator.device
+    model.train()  # as Trainer.train() leaves it (checkpointing only acts in training mode)
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(); the train-mode loss reads it
+    if gc:  # what Trainer.train() does for `gradient_checkpointing`; calling _compute_loss directly skips it
+        kwargs = args.gradient_checkpointing_kwargs or {"use_reentrant": False}
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    inputs = {"prompt_ids": prompt, "prompt_mask": torch.ones_like(prompt), "completion_ids": completion,
+              "completion_mask": torch.ones_like(completion), "advantages": adv, "old_per_token_logps": old,
+              "num_items_in_batch": torch.tensor(float(B * C))}
+    inputs = {k: v.to(dev) for k, v in inputs.items()}
 
-        def step():
-            with trainer.accelerator.autocast():  # what its training_step does (bf16 on GPU)
-                loss = trainer._compute_loss(model, inputs)
-            loss.backward()
-            model.zero_grad(set_to_none=True)
+    def step():
+        with trainer.accelerator.autocast():  # what its training_step does (bf16 on GPU)
+            loss = trainer._compute_loss(model, inputs)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    return step
+
+
+def _say(msg: dict) -> None:
+    """A message to the parent: one tagged JSON line on stdout (libraries may print there too)."""
+    print(TAG + json.dumps(msg), flush=True)
+
+
+TAG = "@@bench "
+
+
+def serve(variant: str, model_dir: str, B: int, P: int, C: int, reps: int, gpu: bool = False) -> None:
+    """One variant's process, alive across the rounds: set up and warm up (compile), report, then for each `round`
+    line on stdin time `reps` steps and report them; at `end` (or EOF) one more step under the profiler (with
+    BENCH_PROFILE) and the peak memory over all rounds. The parent alternates the variants' rounds, so every
+    variant meets the same spells of host and GPU speed."""
+    import torch
+
+    side = parse_variant(variant)[0]
+    step = _setup(variant, model_dir, B, P, C, gpu)
     t0 = time.perf_counter()
     step()  # warm-up (and compilation)
     if gpu:
@@ -140,50 +163,101 @@ def run(variant: str, model_dir: str, B: int, P: int, C: int, reps: int, gpu: bo
     first = time.perf_counter() - t0
     print(f"{variant}: first step (warm-up, compile) {first:.1f} s", file=sys.stderr, flush=True)
     if gpu:
-        torch.cuda.synchronize()
         base = torch.cuda.memory_allocated() / 2**20
         torch.cuda.reset_peak_memory_stats()
     else:
         base = _rss_mb()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        step()
-        if gpu:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        print(f"{variant}: step {times[-1]:.3f} s", file=sys.stderr, flush=True)
-    if os.environ.get("BENCH_PROFILE"):  # one more step under the profiler: the top ops by device (CPU: host) time
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * gpu) as prof:
+    _say({"first_step_s": first})
+    for line in sys.stdin:
+        if line.strip() != "round":
+            break
+        times = []
+        for _ in range(reps):
             t0 = time.perf_counter()
             step()
             if gpu:
                 torch.cuda.synchronize()
-            wall = time.perf_counter() - t0
-        if gpu:  # the device's kernel time over the (profiled) step's wall time: < 1 where the GPU waits for the host
-            from torch.autograd import DeviceType  # kernels and copies only (as the table's total): not FSDP's annotations
-
-            busy = sum(e.self_device_time_total for e in prof.key_averages()
-                       if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e6
-            print(f"{variant}: profiled step {wall:.3f} s, device busy {busy:.3f} s ({busy / wall:.0%})", file=sys.stderr, flush=True)
-        table = prof.key_averages().table(sort_by="cuda_time_total" if gpu else "cpu_time_total", row_limit=25)
-        name = f"profile_{plain(variant)}_{os.path.basename(model_dir)}"
-        with open(os.path.join(os.environ["BENCH_PROFILE"], name + ".txt"), "w") as f:
-            f.write(table)
-        if os.environ.get("BENCH_TRACE"):  # the timeline (where the device waits for the host), gzipped
-            trace = os.path.join(os.environ["BENCH_PROFILE"], name + ".json")
-            prof.export_chrome_trace(trace)
-            subprocess.run(["gzip", "-f", trace], check=True)
-    dt = statistics.median(times)
+            times.append(time.perf_counter() - t0)
+        print(f"{variant}: steps {' '.join(f'{t:.3f}' for t in times)} s", file=sys.stderr, flush=True)
+        _say({"step_s": times})
     peak = (torch.cuda.max_memory_allocated() / 2**20 if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024) - base
-    res = {"tokens_per_s": B * (P + C) / dt, "seconds": dt, "first_step_s": first, "step_s": times, "peak_extra_mb": peak}
+    res = {"peak_extra_mb": peak}
+    if os.environ.get("BENCH_PROFILE"):  # one more step under the profiler: the top ops by device (CPU: host) time
+        _profile(step, variant, model_dir, gpu)
     if gpu and side == "ours":  # which weight-gradient accumulation the head used (rl.logprobs._accumulate)
         from rl.logprobs import _has_out_dtype_addmm
 
         res["fp32_out_addmm"] = _has_out_dtype_addmm()
-    return res
+    _say(res)
+
+
+def _profile(step, variant: str, model_dir: str, gpu: bool) -> None:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * gpu) as prof:
+        t0 = time.perf_counter()
+        step()
+        if gpu:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    if gpu:  # the device's kernel time over the (profiled) step's wall time: < 1 where the GPU waits for the host
+        from torch.autograd import DeviceType  # kernels and copies only (as the table's total): not FSDP's annotations
+
+        busy = sum(e.self_device_time_total for e in prof.key_averages()
+                   if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e6
+        print(f"{variant}: profiled step {wall:.3f} s, device busy {busy:.3f} s ({busy / wall:.0%})", file=sys.stderr, flush=True)
+    table = prof.key_averages().table(sort_by="cuda_time_total" if gpu else "cpu_time_total", row_limit=25)
+    name = f"profile_{plain(variant)}_{os.path.basename(model_dir)}"
+    with open(os.path.join(os.environ["BENCH_PROFILE"], name + ".txt"), "w") as f:
+        f.write(table)
+    if os.environ.get("BENCH_TRACE"):  # the timeline (where the device waits for the host), gzipped
+        trace = os.path.join(os.environ["BENCH_PROFILE"], name + ".json")
+        prof.export_chrome_trace(trace)
+        subprocess.run(["gzip", "-f", trace], check=True)
+
+
+class Child:
+    """A variant's live process (`serve`): its stderr streams to a log file as it runs (a variant that hangs leaves
+    its log), its tagged stdout lines are the answers, each awaited under a time limit."""
+
+    def __init__(self, variant: str, cmd: list[str], log: str, timeout: float):
+        self.variant, self.log, self.timeout = variant, log, timeout
+        self.err = open(log, "w")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True)
+
+    def ask(self, line: str | None) -> dict:
+        """Send a request line (None: close stdin, the end) and wait for the answer."""
+        if line is not None:
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
+        else:
+            self.proc.stdin.close()
+        return self.answer()
+
+    def answer(self) -> dict:
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if not sel.select(timeout=max(deadline - time.monotonic(), 0)):
+                break
+            out = self.proc.stdout.readline()
+            if not out:  # exited
+                self.close()
+                raise RuntimeError(f"{self.variant} exited ({self.proc.returncode}); its log ({self.log}) ends:\n{_tail(self.log)}")
+            if out.startswith(TAG):
+                return json.loads(out[len(TAG):])
+        self.close(kill=True)
+        raise TimeoutError(f"{self.variant}: no answer in {self.timeout} s; its log ({self.log}) ends:\n{_tail(self.log)}")
+
+    def close(self, kill: bool = False) -> None:
+        if kill:
+            self.proc.kill()
+        self.proc.wait()
+        self.err.close()
 
 
 def main() -> None:
@@ -192,8 +266,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--completion-len", type=int, default=128)
-    p.add_argument("--reps", type=int, default=5, help="timed steps per variant process (median [min, max] printed)")
-    p.add_argument("--rounds", type=int, default=1, help="TRL and ours processes alternated this many times each")
+    p.add_argument("--reps", type=int, default=5, help="timed steps per variant per round")
+    p.add_argument("--rounds", type=int, default=5, help="rounds: each variant's live process runs --reps steps in "
+                   "turn; a ratio is printed as the median [min, max] of its per-round ratios")
     p.add_argument("--variants", default="trl,ours",
                    help="processes per round, in order: ours | trl, +gc for gradient checkpointing (TRL's own default is "
                         "on), +compile for our trainer.compile, +memB for its activation_memory_budget=B, +model for "
@@ -203,11 +278,12 @@ def main() -> None:
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the tiny tokenizer's 1,030); "
                    "151936 is Qwen3's, where the chunked head matters")
-    p.add_argument("--timeout", type=int, default=300, help="seconds per variant process (then the next one runs)")
+    p.add_argument("--timeout", type=int, default=300, help="seconds a variant may take to start, or to answer a "
+                   "round (then it is left out and the others go on)")
     p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:
-        print(json.dumps(run(a.one[0], a.one[1], a.batch, a.prompt_len, a.completion_len, a.reps, a.gpu)))
+        serve(a.one[0], a.one[1], a.batch, a.prompt_len, a.completion_len, a.reps, a.gpu)
         return
     from rollout.tiny_models import build_tiny_model
 
@@ -220,37 +296,43 @@ def main() -> None:
         variants = a.variants.split(",")
         for v in variants:
             parse_variant(v)
-        res, ratios = {}, {}
-        for variant in variants * a.rounds:
-            cmd = [sys.executable, __file__, "--one", variant, model_dir, "--batch", str(a.batch), "--prompt-len",
+        children = {}
+        for v in variants:  # started one after another: no two compile at once
+            cmd = [sys.executable, __file__, "--one", v, model_dir, "--batch", str(a.batch), "--prompt-len",
                    str(a.prompt_len), "--completion-len", str(a.completion_len), "--reps", str(a.reps)] + ["--gpu"] * a.gpu
-            # The child's stderr goes to a file as it runs: a variant that hangs past --timeout leaves its log,
-            # and the next variants still run.
-            log = os.path.join(os.environ.get("BENCH_PROFILE") or model_dir, f"log_{plain(variant)}_{name}.txt")
+            log = os.path.join(os.environ.get("BENCH_PROFILE") or model_dir, f"log_{plain(v)}_{name}.txt")
+            child = Child(v, cmd, log, a.timeout)
             try:
-                with open(log, "w") as err:
-                    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, timeout=a.timeout)
-            except subprocess.TimeoutExpired:
-                print(f"  {name:10s} {variant:10s}: timed out after {a.timeout} s; its log ({log}) ends:\n"
-                      + _tail(log), flush=True)
+                first = child.answer()["first_step_s"]  # once warmed up
+            except (RuntimeError, TimeoutError) as e:
+                print(f"  {name:10s} {v:10s}: left out: {e}", flush=True)
                 continue
-            if out.returncode != 0:
-                raise SystemExit(f"{variant} failed:\n{_tail(log)}")
-            res[variant] = r = json.loads(out.stdout.strip().splitlines()[-1])
-            st = r["step_s"]
-            print(f"  {name:10s} {variant:10s}: {r['tokens_per_s']:8.1f} tok/s (step s median {spread(st)} of {len(st)}), "
-                  f"peak extra {r['peak_extra_mb']:7.0f} MB, first step {r['first_step_s']:.0f} s"
+            children[v] = child
+            print(f"  {name:10s} {v:10s}: ready, first step {first:.0f} s", flush=True)
+        tok = {v: [] for v in children}  # tokens/s per round: B * (P + C) over the round's median step
+        steps = {v: [] for v in children}
+        for _ in range(a.rounds):
+            for v, child in children.items():
+                st = child.ask("round")["step_s"]
+                steps[v] += st
+                tok[v].append(a.batch * (a.prompt_len + a.completion_len) / statistics.median(st))
+        peaks = {v: child.ask(None) for v, child in children.items()}
+        for child in children.values():
+            child.close()
+        for v in children:
+            r = peaks[v]
+            print(f"  {name:10s} {v:10s}: {statistics.median(tok[v]):8.1f} tok/s (step s {spread(steps[v])} over "
+                  f"{len(steps[v])} steps in {a.rounds} rounds), peak extra {r['peak_extra_mb']:7.0f} MB"
                   + (f", bf16->fp32 addmm {r['fp32_out_addmm']}" if "fp32_out_addmm" in r else ""), flush=True)
-            side, gc, *_ = parse_variant(variant)
+        for v in children:
+            side, gc, *_ = parse_variant(v)
             trl = "trl+gc" if gc else "trl"  # the baseline: TRL with the same checkpointing
-            if side == "ours" and trl in res:
-                ratios.setdefault((variant, trl), []).append((r["tokens_per_s"] / res[trl]["tokens_per_s"],
-                                                              r["peak_extra_mb"] / max(res[trl]["peak_extra_mb"], 1)))
-        for (variant, trl), rs in ratios.items():
-            speed, mem = [x for x, _ in rs], [m for _, m in rs]
-            print(f"  {name:10s} {variant:10s} / {trl:6s}: tokens/s {spread(speed, '.2f')}x "
-                  f"over {len(rs)} round(s) (target >= 1.5x), peak memory {spread(mem, '.2f')}x (target <= 0.5x)")
-
+            if side != "ours" or trl not in children:
+                continue
+            speed = [x / y for x, y in zip(tok[v], tok[trl])]  # round by round: each pair ran back to back
+            mem = peaks[v]["peak_extra_mb"] / max(peaks[trl]["peak_extra_mb"], 1)
+            print(f"  {name:10s} {v:10s} / {trl:6s}: tokens/s {spread(speed, '.2f')}x over {a.rounds} interleaved "
+                  f"rounds (target >= 1.5x), peak memory {mem:.2f}x (target <= 0.5x)", flush=True)
 
 if __name__ == "__main__":
     main()
