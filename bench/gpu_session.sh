@@ -42,9 +42,9 @@ for s in "$@"; do
                --max-tokens 128 --reps 5 rollout.gpu_memory_utilization=0.4 ${ROLLOUT_ARGS:-} ;;
     ablations) stage ablations "${T_ABL:-540}" python3 bench/ablations.py ${ABL_ARGS:-} --out "$out" & ;;
     faults) stage faults "${T_FAULTS:-540}" python3 bench/gpu_faults.py ${FAULT_ARGS:-} & ;;
-    trl) BENCH_PROFILE=$out CUDA_VISIBLE_DEVICES=0 stage trl "${T_TRL:-400}" python3 bench/learner_vs_trl.py --gpu --models ${TRL_MODELS:-dense0.4b,moe0.85b} \
+    trl) BENCH_PROFILE=$out CUDA_VISIBLE_DEVICES=0 stage trl "${T_TRL:-560}" python3 bench/learner_vs_trl.py --gpu --models ${TRL_MODELS:-dense0.4b,moe0.85b} \
            --batch 8 --prompt-len 256 --completion-len 1024 --vocab 151936 --reps 5 --rounds ${TRL_ROUNDS:-5} \
-           --variants ${TRL_VARIANTS:-trl,ours,trl+gc,ours+gc,ours@256} --timeout ${TRL_TIMEOUT:-300} ;;
+           --variants ${TRL_VARIANTS:-trl,ours+model+compile+mem0.7,ours+model+compile} --timeout ${TRL_TIMEOUT:-300} ;;
     head) CUDA_VISIBLE_DEVICES=0 stage head "${T_HEAD:-300}" python3 bench/token_logprobs.py --gpu --batch 8 --seq 1024 \
             --vocab 151936 --hidden 1024 --chunk 1024 --variants chunked,compiled --reps 5 --rounds 5 ;;  # the head alone
     e2e_trl) stage e2e_trl "${T_E2E:-580}" python3 bench/e2e_vs_trl.py --gpu --steps 25 --prompts 32 --n 8 --max-tokens 256 \

@@ -5,12 +5,12 @@ optimiser step), on the same prompts/completions/advantages. Ours: `rl.learner.L
 size 1, chunked log-probs), its settings built as the driver builds them (`load_config` with the variant's
 overrides, then `rl.components.learner_config`; `ours_overrides`). TRL: `GRPOTrainer._compute_loss` (its fused LM head log-probs). Each
 variant runs in its own process, started once and warmed up (compiled); then `--rounds` rounds give each variant
-`--reps` timed steps in turn, so a ratio is taken round by round between steps run back to back (the median of
-the rounds' ratios is printed with its min and max). Peak memory = peak RSS minus RSS after the warm-up step,
-over all rounds. CPU, fp32.
+`--reps` timed steps in turn, so a ratio is taken round by round, between steps of the same round (the median of
+the rounds' ratios is printed with its min and max; the variants' order reverses every other round). CPU, fp32;
+peak memory = the process's peak RSS (the warm-up's compilation included) minus its RSS after the warm-up step.
 `--gpu`: one GPU, bf16 compute with fp32 master weights on both sides (ours: FSDP2 mixed precision; TRL:
 `bf16=True`, the step under its accelerator's autocast), peak memory = `torch.cuda.max_memory_allocated`
-minus the allocation after the warm-up step. `BENCH_PROFILE=DIR`: one more step per variant, after the rounds, under
+minus the allocation after the warm-up step, over all rounds. `BENCH_PROFILE=DIR`: one more step per variant, after the rounds, under
 torch.profiler, its top ops written to DIR/profile_<variant>_<model dir>.txt, its device-busy share to the
 variant's log; with `BENCH_TRACE=1` also its timeline (.json.gz, chrome://tracing).
 
@@ -219,45 +219,106 @@ def _profile(step, variant: str, model_dir: str, gpu: bool) -> None:
 
 class Child:
     """A variant's live process (`serve`): its stderr streams to a log file as it runs (a variant that hangs leaves
-    its log), its tagged stdout lines are the answers, each awaited under a time limit."""
+    its log); a thread reads its stdout as it comes (libraries may print there, in the same flush as an answer) and
+    queues the tagged lines, the answers, each awaited under a time limit."""
 
     def __init__(self, variant: str, cmd: list[str], log: str, timeout: float):
+        import queue
+        import threading
+
         self.variant, self.log, self.timeout = variant, log, timeout
         self.err = open(log, "w")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True)
+        self.answers: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            if line.startswith(TAG):
+                self.answers.put(json.loads(line[len(TAG):]))
+        self.answers.put(None)  # EOF: the process is gone
 
     def ask(self, line: str | None) -> dict:
         """Send a request line (None: close stdin, the end) and wait for the answer."""
-        if line is not None:
-            self.proc.stdin.write(line + "\n")
-            self.proc.stdin.flush()
-        else:
-            self.proc.stdin.close()
+        try:
+            if line is not None:
+                self.proc.stdin.write(line + "\n")
+                self.proc.stdin.flush()
+            else:
+                self.proc.stdin.close()
+        except BrokenPipeError:
+            pass  # exited: answer() says so
         return self.answer()
 
     def answer(self) -> dict:
-        import selectors
+        import queue
 
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            if not sel.select(timeout=max(deadline - time.monotonic(), 0)):
-                break
-            out = self.proc.stdout.readline()
-            if not out:  # exited
-                self.close()
-                raise RuntimeError(f"{self.variant} exited ({self.proc.returncode}); its log ({self.log}) ends:\n{_tail(self.log)}")
-            if out.startswith(TAG):
-                return json.loads(out[len(TAG):])
-        self.close(kill=True)
-        raise TimeoutError(f"{self.variant}: no answer in {self.timeout} s; its log ({self.log}) ends:\n{_tail(self.log)}")
+        try:
+            got = self.answers.get(timeout=self.timeout)
+        except queue.Empty:
+            self.close()
+            raise TimeoutError(f"{self.variant}: no answer in {self.timeout} s; its log ({self.log}) ends:\n{_tail(self.log)}") from None
+        if got is None:
+            self.close()
+            raise RuntimeError(f"{self.variant} exited ({self.proc.returncode}); its log ({self.log}) ends:\n{_tail(self.log)}")
+        return got
 
-    def close(self, kill: bool = False) -> None:
-        if kill:
+    def close(self) -> None:
+        """Kill it if it still runs (a hung or failed variant must not keep its GPU memory), then reap it."""
+        if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
         self.err.close()
+
+
+def compare(name: str, variants: list[str], children: dict, a) -> None:
+    """The rounds over the live, warmed-up variants; each ours/TRL ratio is printed as its round ends, then as the
+    median [min, max] over the rounds both sides completed. A variant that fails or hangs is left out (and
+    killed), the others go on."""
+    tokens = a.batch * (a.prompt_len + a.completion_len)
+    tok, steps = {v: {} for v in variants}, {v: [] for v in variants}  # tokens/s by round (over the round's median)
+    pairs = {}  # ours variant -> its TRL baseline (same checkpointing)
+    for v in variants:
+        side, gc, *_ = parse_variant(v)
+        if side == "ours" and ("trl+gc" if gc else "trl") in variants:
+            pairs[v] = "trl+gc" if gc else "trl"
+
+    def left_out(v: str, e: Exception) -> None:
+        print(f"  {name:10s} {v:10s}: left out: {e}", flush=True)
+        children.pop(v).close()
+
+    for r in range(a.rounds):
+        order = [v for v in variants if v in children]
+        for v in order if r % 2 == 0 else order[::-1]:  # alternate who goes first: a drift favours no one
+            try:
+                st = children[v].ask("round")["step_s"]
+            except (RuntimeError, TimeoutError) as e:
+                left_out(v, e)
+                continue
+            steps[v] += st
+            tok[v][r] = tokens / statistics.median(st)
+        for v, trl in pairs.items():
+            if r in tok[v] and r in tok[trl]:
+                print(f"  {name:10s} round {r + 1}: {v} / {trl} tokens/s {tok[v][r] / tok[trl][r]:.2f}x", flush=True)
+    peaks = {}
+    for v in list(children):
+        try:
+            peaks[v] = children[v].ask(None)
+            children.pop(v).close()
+        except (RuntimeError, TimeoutError) as e:
+            left_out(v, e)
+    for v, r in peaks.items():
+        print(f"  {name:10s} {v:10s}: {statistics.median(tok[v].values()):8.1f} tok/s (step s {spread(steps[v])} over "
+              f"{len(steps[v])} steps in {len(tok[v])} rounds), peak extra {r['peak_extra_mb']:7.0f} MB"
+              + (f", bf16->fp32 addmm {r['fp32_out_addmm']}" if "fp32_out_addmm" in r else ""), flush=True)
+    for v, trl in pairs.items():
+        both = [r for r in tok[v] if r in tok[trl]]
+        if not both or v not in peaks or trl not in peaks:
+            continue
+        speed = [tok[v][r] / tok[trl][r] for r in both]  # round by round: the same spell of host and GPU speed
+        mem = peaks[v]["peak_extra_mb"] / max(peaks[trl]["peak_extra_mb"], 1)
+        print(f"  {name:10s} {v:10s} / {trl:6s}: tokens/s {spread(speed, '.2f')}x over {len(both)} interleaved "
+              f"rounds (target >= 1.5x), peak memory {mem:.2f}x (target <= 0.5x)", flush=True)
 
 
 def main() -> None:
@@ -274,7 +335,7 @@ def main() -> None:
                         "on), +compile for our trainer.compile, +memB for its activation_memory_budget=B, +model for "
                         "trainer.fsdp_wrap=model, @N for our log-prob chunk; "
                         "each ours variant is compared "
-                        "with the last trl variant of the same checkpointing, e.g. trl,ours,trl+gc,ours+gc,ours+compile")
+                        "with the trl variant of the same checkpointing, e.g. trl,ours,trl+gc,ours+gc,ours+compile")
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the tiny tokenizer's 1,030); "
                    "151936 is Qwen3's, where the chunked head matters")
@@ -296,43 +357,24 @@ def main() -> None:
         variants = a.variants.split(",")
         for v in variants:
             parse_variant(v)
+        if len(set(variants)) < len(variants):
+            raise SystemExit(f"--variants: a variant is named twice: {a.variants}")
         children = {}
-        for v in variants:  # started one after another: no two compile at once
-            cmd = [sys.executable, __file__, "--one", v, model_dir, "--batch", str(a.batch), "--prompt-len",
-                   str(a.prompt_len), "--completion-len", str(a.completion_len), "--reps", str(a.reps)] + ["--gpu"] * a.gpu
-            log = os.path.join(os.environ.get("BENCH_PROFILE") or model_dir, f"log_{plain(v)}_{name}.txt")
-            child = Child(v, cmd, log, a.timeout)
-            try:
-                first = child.answer()["first_step_s"]  # once warmed up
-            except (RuntimeError, TimeoutError) as e:
-                print(f"  {name:10s} {v:10s}: left out: {e}", flush=True)
-                continue
-            children[v] = child
-            print(f"  {name:10s} {v:10s}: ready, first step {first:.0f} s", flush=True)
-        tok = {v: [] for v in children}  # tokens/s per round: B * (P + C) over the round's median step
-        steps = {v: [] for v in children}
-        for _ in range(a.rounds):
-            for v, child in children.items():
-                st = child.ask("round")["step_s"]
-                steps[v] += st
-                tok[v].append(a.batch * (a.prompt_len + a.completion_len) / statistics.median(st))
-        peaks = {v: child.ask(None) for v, child in children.items()}
-        for child in children.values():
-            child.close()
-        for v in children:
-            r = peaks[v]
-            print(f"  {name:10s} {v:10s}: {statistics.median(tok[v]):8.1f} tok/s (step s {spread(steps[v])} over "
-                  f"{len(steps[v])} steps in {a.rounds} rounds), peak extra {r['peak_extra_mb']:7.0f} MB"
-                  + (f", bf16->fp32 addmm {r['fp32_out_addmm']}" if "fp32_out_addmm" in r else ""), flush=True)
-        for v in children:
-            side, gc, *_ = parse_variant(v)
-            trl = "trl+gc" if gc else "trl"  # the baseline: TRL with the same checkpointing
-            if side != "ours" or trl not in children:
-                continue
-            speed = [x / y for x, y in zip(tok[v], tok[trl])]  # round by round: each pair ran back to back
-            mem = peaks[v]["peak_extra_mb"] / max(peaks[trl]["peak_extra_mb"], 1)
-            print(f"  {name:10s} {v:10s} / {trl:6s}: tokens/s {spread(speed, '.2f')}x over {a.rounds} interleaved "
-                  f"rounds (target >= 1.5x), peak memory {mem:.2f}x (target <= 0.5x)", flush=True)
+        try:
+            for v in variants:  # each warms up (compiles) in turn: no two compile at once
+                cmd = [sys.executable, __file__, "--one", v, model_dir, "--batch", str(a.batch), "--prompt-len",
+                       str(a.prompt_len), "--completion-len", str(a.completion_len), "--reps", str(a.reps)] + ["--gpu"] * a.gpu
+                log = os.path.join(os.environ.get("BENCH_PROFILE") or model_dir, f"log_{plain(v)}_{name}.txt")
+                children[v] = Child(v, cmd, log, a.timeout)
+                try:
+                    print(f"  {name:10s} {v:10s}: ready, first step {children[v].answer()['first_step_s']:.0f} s", flush=True)
+                except (RuntimeError, TimeoutError) as e:
+                    print(f"  {name:10s} {v:10s}: left out: {e}", flush=True)
+                    children.pop(v).close()
+            compare(name, variants, children, a)
+        finally:
+            for child in children.values():
+                child.close()
 
 if __name__ == "__main__":
     main()

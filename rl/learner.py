@@ -599,10 +599,8 @@ def _unshard_with_one_cast_at_one_rank() -> None:
             alloc_storage(p.all_gather_outputs[0])
             bufs.append(p.all_gather_outputs[0])
         # The buffers may be saved for backward (the unsharded parameters are views of them): refilling them with
-        # the same weights must not look like a mutation to autograd, as in FSDP's own copy (inference tensors,
-        # made under inference mode, have no version to keep).
-        tracked = tuple(b for b in bufs if not b.is_inference())
-        with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(tracked) if tracked else nullcontext():
+        # the same weights must not look like a mutation to autograd, as in FSDP's own copy.
+        with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(tuple(bufs)):
             torch._foreach_copy_(bufs, [p._sharded_param_data for p in params])
         try:
             for p, buf in zip(params, bufs):
