@@ -8,6 +8,7 @@ which is 0 for tool-result tokens).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ class TrainBatch:
     logp_old: torch.Tensor  # [B, T] engine sampling log-probs (0 off the loss mask)
     advantages: torch.Tensor  # [B]
     kl_coef: torch.Tensor  # [B] beta of each sample's domain
-    routed_experts: torch.Tensor | None  # [B, T, layers, k] long, or None
+    routed_experts: torch.Tensor | None  # [B, T, layers, k] integer ids in the engine's dtype (uint8 from vLLM), or None
     kept: KeptBatch | None  # kept sets (sampling masks) of the response positions, or None
 
 
@@ -168,36 +169,54 @@ def collate(samples: list[Sample], kl_coefs: dict[str, float] | None = None, pad
             raise MissingCapture(f"{len(missing)} of {B} samples carry no {name} although the config requires it "
                                  f"(first: sample {missing[0]}, domain {samples[missing[0]].domain!r}); the engine "
                                  "did not capture it")
-    T = max(len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    targets = torch.full((B, T), pad_id, dtype=torch.long)
-    attn = torch.zeros((B, T), dtype=torch.long)
-    loss_mask = torch.zeros((B, T))
-    logp_old = torch.zeros((B, T))
+    P = torch.tensor([len(s.prompt_ids) for s in samples])
+    R = torch.tensor([len(s.response_ids) for s in samples])
+    n = P + R - 1  # positions of each row
+    T = int(n.max())
     have_routing = all(s.routed_experts is not None for s in samples)
     have_masks = [s.kept is not None for s in samples]
     if use_sampling_mask and any(have_masks) and not all(have_masks):
         raise ValueError("collate: some samples carry sampling masks and some do not; sampling settings must agree")
     have_masks = use_sampling_mask and all(have_masks)
+    # One tensor per field for the whole batch, scattered row-major through a [B, T] mask (a tensor per row and
+    # field cost ~0.1 ms each: 4 ms of a 100 ms GPU step at B=8, 68 ms at B=256).
+    col = torch.arange(T)
+    rows = col < n[:, None]  # the row's positions, [B, T]
+    answer = (col >= P[:, None] - 1) & (col < (P + R - 1)[:, None])  # positions predicting a response token
+    seqs = _flat(chain.from_iterable(chain(s.prompt_ids, s.response_ids) for s in samples), np.int64)
+    ends = torch.cumsum(P + R, 0)
+    last, first = torch.ones(len(seqs), dtype=torch.bool), torch.ones(len(seqs), dtype=torch.bool)
+    last[ends - 1], first[ends - (P + R)] = False, False
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    targets = torch.full((B, T), pad_id, dtype=torch.long)
+    input_ids[rows], targets[rows] = seqs[last], seqs[first]  # (prompt + response)[:-1] and [1:]
+    attn = rows.long()
+    loss_mask, logp_old = torch.zeros((B, T)), torch.zeros((B, T))
+    loss_mask[answer] = _flat(chain.from_iterable(s.loss_mask for s in samples), np.float32)
+    logp_old[answer] = _flat(chain.from_iterable(s.logprobs for s in samples), np.float32)
     routed = kept = None
     if have_routing:
         layers, k = samples[0].routed_experts.shape[1:]
-        routed = torch.arange(k).expand(B, T, layers, k).clone()  # padding: any valid ids
+        ids = np.concatenate([np.asarray(s.routed_experts).reshape(-1, layers, k) for s in samples])
+        if ids.dtype not in COMPACT_IDS:
+            ids = ids.astype(np.int64)
+        # Kept in the engine's dtype (vLLM's uint8): 8x fewer bytes to build and to copy to the GPU than int64;
+        # the replay and the agreement widen them there.
+        routed = torch.arange(k, dtype=torch.from_numpy(ids[:0]).dtype).expand(B, T, layers, k).clone()  # padding: any valid ids
+        routed[rows] = torch.from_numpy(ids)
     if have_masks:
         kept = KeptBatch.from_samples(samples, T)
-    for b, s in enumerate(samples):
-        seq = list(s.prompt_ids) + list(s.response_ids)
-        n, P, R = len(seq) - 1, len(s.prompt_ids), len(s.response_ids)
-        input_ids[b, :n] = torch.tensor(seq[:-1])
-        targets[b, :n] = torch.tensor(seq[1:])
-        attn[b, :n] = 1
-        loss_mask[b, P - 1 : P - 1 + R] = torch.tensor(s.loss_mask, dtype=torch.float)
-        logp_old[b, P - 1 : P - 1 + R] = torch.tensor(s.logprobs, dtype=torch.float)
-        if have_routing:
-            routed[b, :n] = torch.as_tensor(s.routed_experts, dtype=torch.long)
     betas = torch.tensor([float((kl_coefs or {}).get(s.domain, 0.0)) for s in samples])
     adv = torch.tensor([float(s.advantage) for s in samples])
     return TrainBatch(input_ids, attn, targets, loss_mask, logp_old, adv, betas, routed, kept)
+
+
+COMPACT_IDS = (np.dtype(np.uint8), np.dtype(np.int16), np.dtype(np.int32), np.dtype(np.int64))  # torch has them all
+
+
+def _flat(values, dtype) -> torch.Tensor:
+    """A tensor of an iterable of Python numbers (numpy reads it ~3x faster than torch.tensor reads a list)."""
+    return torch.from_numpy(np.fromiter(values, dtype=dtype))
 
 
 def split(batch: TrainBatch, size: int) -> list[TrainBatch]:

@@ -94,3 +94,45 @@ def test_kept_batch_dense_matches_a_loop_and_micro_batches():
         assert torch.equal(batch.kept.dense(lo, hi, "cpu"), want[lo:hi])
     for b, mb in enumerate(split(batch, 1)):
         assert torch.equal(mb.kept.dense(0, T, "cpu"), want[b * T : (b + 1) * T])
+
+
+def _collate_loop(samples, pad_id):
+    """The alignment of rl.batch's module docstring, one row at a time: the reference for the vectorised collate."""
+    B, T = len(samples), max(len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples)
+    ids, tg, attn = (torch.full((B, T), pad_id), torch.full((B, T), pad_id), torch.zeros(B, T, dtype=torch.long))
+    lm, lp = torch.zeros(B, T), torch.zeros(B, T)
+    layers, k = samples[0].routed_experts.shape[1:]
+    routed = torch.arange(k).expand(B, T, layers, k).clone()
+    for b, s in enumerate(samples):
+        seq, P, R = list(s.prompt_ids) + list(s.response_ids), len(s.prompt_ids), len(s.response_ids)
+        for t in range(P + R - 1):
+            ids[b, t], tg[b, t], attn[b, t] = seq[t], seq[t + 1], 1
+            routed[b, t] = torch.as_tensor(s.routed_experts[t], dtype=torch.long)
+        for j in range(R):
+            lm[b, P - 1 + j], lp[b, P - 1 + j] = float(s.loss_mask[j]), s.logprobs[j]
+    return ids, attn, tg, lm, lp, routed
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_collate_equals_the_row_by_row_alignment(seed):
+    """The vectorised collate (one tensor per field for the batch) against a per-position loop: ragged prompts and
+    responses (a one-token prompt, an empty response, a tool-result hole in the loss mask), uint8 routed experts as
+    vLLM gives them, a pad id that is also a real token."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for b in range(int(rng.integers(1, 7))):
+        P, R = int(rng.integers(1, 9)), int(rng.integers(0, 12)) if b else 0
+        mask = (rng.random(R) < 0.8).astype(int).tolist()
+        samples.append(Sample(prompt_ids=rng.integers(0, V, P).tolist(), response_ids=rng.integers(0, V, R).tolist(),
+                              logprobs=(-rng.random(R)).tolist(), loss_mask=mask, status=Status.COMPLETED,
+                              routed_experts=rng.integers(0, 8, (P + R - 1, 3, 2), dtype=np.uint8), advantage=0.5))
+        samples[-1].validate()
+    if max(len(s.prompt_ids) + len(s.response_ids) for s in samples) < 2:
+        samples[0].response_ids, samples[0].logprobs, samples[0].loss_mask = [5], [-0.5], [1]
+        samples[0].routed_experts = np.zeros((len(samples[0].prompt_ids), 3, 2), dtype=np.uint8)
+    got = collate(samples, pad_id=7)
+    want = _collate_loop(samples, pad_id=7)
+    for name, w in zip(("input_ids", "attention_mask", "targets", "loss_mask", "logp_old"), want):
+        g = getattr(got, name)
+        assert g.dtype == w.dtype and torch.equal(g, w), name
+    assert got.routed_experts.dtype == torch.uint8 and torch.equal(got.routed_experts.long(), want[-1])  # vLLM's dtype kept
