@@ -1,6 +1,9 @@
 """The learner: a HF causal LM sharded with FSDP2 over torch.distributed (gloo on CPU, NCCL on GPU).
 A single fp32 rank skips the sharding (nothing to shard; FSDP2 would only copy parameters back and forth);
-several ranks, or bf16 mixed precision, use FSDP2.
+several ranks, or bf16 mixed precision, use FSDP2. On one bf16 rank three FSDP2 steps that there only cast or copy
+tensor by tensor are replaced by foreach ops and an in-place reduction (`_unshard_with_one_cast_at_one_rank`,
+`_flat_grad_copy_in_at_one_rank`, `_reduce_in_place_at_one_rank`: they patch FSDP2 internals, checked against
+torch 2.11 and 2.13, and are tested bit-equal to FSDP2's own path).
 
 One `Learner` per rank; `LearnerGroup` runs them as Ray actors. A step gets the whole step's samples,
 each rank trains on its slice in micro-batches, and the loss of every micro-batch is normalised by the
