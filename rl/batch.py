@@ -36,7 +36,7 @@ class TrainBatch:
     logp_old: torch.Tensor  # [B, T] engine sampling log-probs (0 off the loss mask)
     advantages: torch.Tensor  # [B]
     kl_coef: torch.Tensor  # [B] beta of each sample's domain
-    routed_experts: torch.Tensor | None  # [B, T, layers, k] integer ids in the engine's dtype (uint8 from vLLM), or None
+    routed_experts: torch.Tensor | None  # [B, T, layers, k] integer ids in the engine's dtype (vLLM: uint8; reference: int16), or None
     kept: KeptBatch | None  # kept sets (sampling masks) of the response positions, or None
 
 
@@ -169,6 +169,8 @@ def collate(samples: list[Sample], kl_coefs: dict[str, float] | None = None, pad
             raise MissingCapture(f"{len(missing)} of {B} samples carry no {name} although the config requires it "
                                  f"(first: sample {missing[0]}, domain {samples[missing[0]].domain!r}); the engine "
                                  "did not capture it")
+    for s in samples:  # the batch's fields are scattered from flat arrays: one wrong length would shift its neighbours
+        s.validate()
     P = torch.tensor([len(s.prompt_ids) for s in samples])
     R = torch.tensor([len(s.response_ids) for s in samples])
     n = P + R - 1  # positions of each row
@@ -197,7 +199,9 @@ def collate(samples: list[Sample], kl_coefs: dict[str, float] | None = None, pad
     routed = kept = None
     if have_routing:
         layers, k = samples[0].routed_experts.shape[1:]
-        ids = np.concatenate([np.asarray(s.routed_experts).reshape(-1, layers, k) for s in samples])
+        if any(np.shape(s.routed_experts)[1:] != (layers, k) for s in samples):
+            raise ValueError(f"collate: routed_experts of different shapes in one batch (first: [*, {layers}, {k}])")
+        ids = np.concatenate([np.asarray(s.routed_experts) for s in samples])
         if ids.dtype not in COMPACT_IDS:
             ids = ids.astype(np.int64)
         # Kept in the engine's dtype (vLLM's uint8): 8x fewer bytes to build and to copy to the GPU than int64;
