@@ -170,7 +170,7 @@ def collate(samples: list[Sample], kl_coefs: dict[str, float] | None = None, pad
                                  f"(first: sample {missing[0]}, domain {samples[missing[0]].domain!r}); the engine "
                                  "did not capture it")
     for s in samples:  # the batch's fields are scattered from flat arrays: one wrong length would shift its neighbours
-        s.validate()
+        s.validate_lengths()  # (the engines checked the kept sets' contents when they built the samples)
     P = torch.tensor([len(s.prompt_ids) for s in samples])
     R = torch.tensor([len(s.response_ids) for s in samples])
     n = P + R - 1  # positions of each row

@@ -57,7 +57,18 @@ class Sample:
         return len(self.response_ids)
 
     def validate(self) -> None:
-        """Raise if the token-level fields disagree in length (a bug upstream, not a user error)."""
+        """Raise if the token-level fields disagree in length, or a sampled token is outside its kept set (a bug
+        upstream, not a user error)."""
+        self.validate_lengths()
+        if self.kept is not None:
+            # A sampled token outside its kept set (or an empty set) has no probability under pi_old: the
+            # engine's capture is broken, and the ratio would be 0/0 or x/0.
+            bad = self.kept.first_missing(self.response_ids)
+            if bad is not None:
+                raise ValueError(f"Sample: response token {bad} ({self.response_ids[bad]}) is not in its kept set")
+
+    def validate_lengths(self) -> None:
+        """Raise if the token-level fields disagree in length (cheap: no look inside the kept sets)."""
         n = len(self.response_ids)
         for name in ("logprobs", "loss_mask"):
             got = len(getattr(self, name))
@@ -66,14 +77,8 @@ class Sample:
         positions = len(self.prompt_ids) + n - 1
         if self.routed_experts is not None and self.routed_experts.shape[0] != positions:
             raise ValueError(f"Sample: routed_experts has {self.routed_experts.shape[0]} rows for {positions} positions")
-        if self.kept is not None:
-            if len(self.kept) != n:
-                raise ValueError(f"Sample: kept has {len(self.kept)} rows for {n} response tokens")
-            # A sampled token outside its kept set (or an empty set) has no probability under pi_old: the
-            # engine's capture is broken, and the ratio would be 0/0 or x/0.
-            bad = self.kept.first_missing(self.response_ids)
-            if bad is not None:
-                raise ValueError(f"Sample: response token {bad} ({self.response_ids[bad]}) is not in its kept set")
+        if self.kept is not None and len(self.kept) != n:
+            raise ValueError(f"Sample: kept has {len(self.kept)} rows for {n} response tokens")
 
 
 @dataclass(frozen=True)

@@ -136,3 +136,12 @@ def test_collate_equals_the_row_by_row_alignment(seed):
         g = getattr(got, name)
         assert g.dtype == w.dtype and torch.equal(g, w), name
     assert got.routed_experts.dtype == torch.uint8 and torch.equal(got.routed_experts.long(), want[-1])  # vLLM's dtype kept
+
+
+def test_collate_refuses_lengths_that_would_shift_into_the_next_row():
+    """The flat scatter only needs the totals to match: one sample a token short and its neighbour a token long
+    would slide values across rows. collate checks each sample's lengths first."""
+    a = Sample(prompt_ids=[1, 2], response_ids=[3, 4], logprobs=[-0.1, -0.2], loss_mask=[1], status=Status.COMPLETED)
+    b = Sample(prompt_ids=[1, 2], response_ids=[3, 4], logprobs=[-0.1, -0.2], loss_mask=[1, 1, 1], status=Status.COMPLETED)
+    with pytest.raises(ValueError, match="loss_mask has 1 entries for 2 response tokens"):
+        collate([a, b])
